@@ -1,0 +1,162 @@
+"""The fused attention op: ``torch.ops.fusepass.attention`` and its backward.
+
+Notation: q [B, Hq, M, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv]; Hq = G * Hkv and query head h
+reads key/value head h // G (native GQA: repeated K/V are never materialized).  Any strides.
+
+What the op computes, in fp32 (fp64 for fp64 inputs)::
+
+    s = scale * (q @ k^T)                        # [B, Hq, M, N]
+    if softcap > 0:  s = softcap * tanh(s / softcap)
+    s = s + sum(biases)                          # each broadcastable to [B, Hq, M, N]
+    keep = AND(masks) & predicate(mask_expr)     # bool, True = visible
+    s = where(keep, s, mask_fill)                # mask_fill: -inf, or a finite value (eager's finfo.min)
+    p = softmax(s, dim=-1)                       # a row of all -inf gives NaN, as eager does
+    if dropout_p > 0:  p = p * keep_mask(seed) / (1 - dropout_p)
+    out = (p @ v).to(v.dtype)                    # [B, Hq, M, Dv]
+    lse = logsumexp(s, dim=-1)                   # fp32 [B, Hq, M]; backward and ring attention use it
+
+``mask_expr`` is a predicate over b, h, i (query index), j (key index), M, N and a0, a1, ...
+(the values of ``mask_args``, which may be symbolic sizes); "" means none.  See
+``fusepass.masks.predicate`` for its grammar.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+log = logging.getLogger(__name__)
+
+
+@torch.library.custom_op("fusepass::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    biases: list[Tensor],
+    masks: list[Tensor],
+    seed: Optional[Tensor],
+    scale: float,
+    softcap: float,
+    dropout_p: float,
+    mask_fill: float,
+    mask_expr: str,
+    mask_args: list[int],
+) -> tuple[Tensor, Tensor]:
+    return dispatch.forward(
+        q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args
+    )
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args):
+    B, Hq, M, _ = q.shape
+    out = q.new_empty((B, Hq, M, v.shape[-1]), dtype=v.dtype)
+    lse = q.new_empty((B, Hq, M), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fusepass::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    biases: list[Tensor],
+    masks: list[Tensor],
+    seed: Optional[Tensor],
+    scale: float,
+    softcap: float,
+    dropout_p: float,
+    mask_fill: float,
+    mask_expr: str,
+    mask_args: list[int],
+    bias_needs_grad: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Gradients of q, k, v and of each bias whose flag is set (an empty tensor otherwise)."""
+    return dispatch.backward(
+        grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+        mask_fill, mask_expr, mask_args, bias_needs_grad,
+    )
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(
+    grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+    mask_fill, mask_expr, mask_args, bias_needs_grad,
+):
+    dbiases = [
+        torch.empty_like(b) if need else b.new_empty((0,)) for b, need in zip(biases, bias_needs_grad)
+    ]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbiases
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args = inputs
+    out, lse = output
+    ctx.n_biases = len(biases)
+    ctx.n_masks = len(masks)
+    ctx.has_seed = seed is not None
+    ctx.bias_needs_grad = [bool(b.requires_grad) for b in biases]
+    ctx.features = (scale, softcap, dropout_p, mask_fill, mask_expr, list(mask_args))
+    saved = [q, k, v, out, lse, *biases, *masks]
+    if seed is not None:
+        saved.append(seed)
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    saved = ctx.saved_tensors
+    q, k, v, out, lse = saved[:5]
+    rest = saved[5:]
+    biases = list(rest[: ctx.n_biases])
+    masks = list(rest[ctx.n_biases : ctx.n_biases + ctx.n_masks])
+    seed = rest[-1] if ctx.has_seed else None
+    scale, softcap, dropout_p, mask_fill, mask_expr, mask_args = ctx.features
+    if grad_lse is not None:
+        # NOTE: the lse output exists for backward and for ring attention; nothing in a user's
+        # graph differentiates through it, and we say so rather than return a wrong gradient.
+        raise RuntimeError("fusepass.attention: gradients through the lse output are not supported")
+    dq, dk, dv, dbiases = attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+        mask_fill, mask_expr, mask_args, ctx.bias_needs_grad,
+    )
+    bias_grads = [g if need else None for g, need in zip(dbiases, ctx.bias_needs_grad)]
+    return dq, dk, dv, bias_grads, [None] * ctx.n_masks, None, None, None, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    biases: Sequence[Tensor] = (),
+    masks: Sequence[Tensor] = (),
+    scale: float | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    mask_fill: float = float("-inf"),
+    mask_expr: str = "",
+    mask_args: Sequence[int] = (),
+    seed: Tensor | None = None,
+) -> Tensor:
+    """Call the op directly (the backend emits the same call); returns ``out`` only."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if dropout_p > 0 and seed is None:
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    out, _ = attention(
+        q, k, v, list(biases), list(masks), seed, float(scale), float(softcap), float(dropout_p),
+        float(mask_fill), mask_expr, list(mask_args),
+    )
+    return out

@@ -1,0 +1,68 @@
+"""Chooses how the op runs for given inputs: the generated Triton kernels or the PyTorch reference.
+
+Inputs are validated here, once, so that bad input gets a clear error instead of a crash
+deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+log = logging.getLogger(__name__)
+
+SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def validate(q: Tensor, k: Tensor, v: Tensor, biases, masks) -> None:
+    def fail(msg: str):
+        raise ValueError(f"fusepass.attention: {msg}")
+
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        fail(f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, M, D = q.shape
+    Bk, Hkv, N, Dk = k.shape
+    if (Bk, Hkv, N) != tuple(v.shape[:3]):
+        fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree on [B, H, N]")
+    if Bk != B or Dk != D:
+        fail(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim")
+    if Hkv == 0 or Hq % Hkv != 0:
+        fail(f"query heads {Hq} are not a multiple of key/value heads {Hkv}")
+    if not (q.dtype == k.dtype == v.dtype):
+        fail(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        fail(f"dtype {q.dtype} is not a floating dtype")
+    if not (q.device == k.device == v.device):
+        fail(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    target = (B, Hq, M, N)
+    for kind, tensors in (("bias", biases), ("mask", masks)):
+        for t in tensors:
+            if t.dim() > 4 or any(s not in (1, want) for s, want in zip(t.shape[::-1], target[::-1])):
+                fail(f"{kind} of shape {tuple(t.shape)} does not broadcast to [B, H, M, N] = {list(target)}")
+            if t.device != q.device:
+                fail(f"{kind} is on {t.device}, q on {q.device}")
+    for t in masks:
+        if t.dtype != torch.bool:
+            fail(f"masks must be bool (True = keep), got {t.dtype}")
+    for t in biases:
+        if not t.dtype.is_floating_point:
+            fail(f"biases must be floating point, got {t.dtype}")
+
+
+def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args):
+    validate(q, k, v, biases, masks)
+    return reference.attention_forward(
+        q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args
+    )
+
+
+def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+             mask_fill, mask_expr, mask_args, bias_needs_grad):
+    return reference.attention_backward(
+        grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+        mask_fill, mask_expr, mask_args, bias_needs_grad,
+    )
