@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -22,11 +24,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed_and_reset():
     torch.manual_seed(0)
-    import torch._dynamo
-
     torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
     counters.clear()
     yield
 
