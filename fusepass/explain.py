@@ -1,0 +1,68 @@
+"""``fusepass.explain``: compile and run once, and report every attention-like site."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+from tabulate import tabulate
+
+from . import backend
+from .graph.nodes import format_scale
+from .spec import SiteRecord
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    sites: list[SiteRecord]
+    graphs: int  # how many graphs Dynamo compiled
+
+    @property
+    def fused(self) -> int:
+        return sum(s.fused for s in self.sites)
+
+    def __str__(self) -> str:
+        rows = []
+        for s in self.sites:
+            spec = s.spec
+            rows.append([
+                s.location,
+                "yes" if s.fused else "no",
+                spec.layout if spec else "",
+                f"{spec.dtype} q{list(spec.q_shape)}" if spec else "",
+                format_scale(spec.scale) if spec else "",
+                spec.mask if spec else "",
+                spec.bias if spec else "",
+                spec.gqa if spec else "",
+                (f"{spec.softcap:g}" if spec.softcap else "-") if spec else "",
+                (f"{spec.dropout_p:g}" if spec.dropout_p else "-") if spec else "",
+                s.runs_on if s.fused else s.reason,
+            ])
+        head = ["site", "fused", "layout", "q", "scale", "mask", "bias", "gqa", "softcap", "dropout", "runs on / why not"]
+        table = tabulate(rows, headers=head, tablefmt="github") if rows else "(no attention found)"
+        return f"{table}\n{self.fused} of {len(self.sites)} attention sites fused in {self.graphs} graph(s)"
+
+
+def explain(model_or_fn, *args: Any, options: Optional[dict] = None, **kwargs: Any) -> ExplainReport:
+    """Compile ``model_or_fn`` with fusepass, run it once on the arguments, and report.
+
+    Runs under ``torch.no_grad()`` unless an input requires grad.  The compiled artifact is
+    private to this call (its own backend instance), so the user's compiled models are
+    untouched.
+    """
+    records: list[SiteRecord] = []
+    graphs = 0
+
+    def recording_backend(gm, example_inputs, **kw):
+        nonlocal graphs
+        graphs += 1
+        return backend.fusepass_backend(gm, example_inputs, options=options, **kw)
+
+    compiled = torch.compile(model_or_fn, backend=recording_backend)
+    backend._recorders.append(records)
+    try:
+        compiled(*args, **kwargs)
+    finally:
+        backend._recorders.remove(records)
+    return ExplainReport(records, graphs)

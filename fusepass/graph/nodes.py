@@ -1,0 +1,219 @@
+"""Normalize: read the many spellings Dynamo hands us into one small vocabulary.
+
+Dynamo's graphs are torch-level: the same operation appears as a function
+(``torch.matmul``, ``operator.matmul``), a method (``call_method 'matmul'``) or an inlined
+module (``nn.Softmax`` becomes ``F.softmax``).  Every reader here takes a node and returns
+its meaning, or None when the node is something else.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, NamedTuple, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+
+def fake(node: Any) -> Optional[torch.Tensor]:
+    """The example (fake) tensor Dynamo recorded for a node, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    ev = node.meta.get("example_value", node.meta.get("val"))
+    return ev if isinstance(ev, torch.Tensor) else None
+
+
+def is_call(node: Any, *targets: Any, methods: tuple[str, ...] = ()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function" and node.target in targets:
+        return True
+    return node.op == "call_method" and node.target in methods
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def self_arg(node: fx.Node) -> Any:
+    """The tensor a function or method applies to (``x`` in ``x.f()`` and ``torch.f(x)``)."""
+    return node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+
+
+# ---------------------------------------------------------------- scalars
+_FULL_LIKE = (torch.full, torch.tensor, torch.scalar_tensor, torch.as_tensor)
+
+
+def scalar_value(x: Any) -> Optional[float]:
+    """A Python number, or a 0-d constant tensor built in the graph (``torch.full([], s)``)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if not isinstance(x, fx.Node) or x.op != "call_function" or x.target not in _FULL_LIKE:
+        return None
+    if x.target is torch.full:
+        size, value = arg(x, 0, "size"), arg(x, 1, "fill_value")
+        if tuple(size or ()) != ():
+            return None
+    else:
+        value = arg(x, 0, "data" if x.target is not torch.scalar_tensor else "s")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def is_tensor_node(x: Any) -> bool:
+    return isinstance(x, fx.Node) and fake(x) is not None and scalar_value(x) is None
+
+
+# ---------------------------------------------------------------- softmax
+class Softmax(NamedTuple):
+    input: fx.Node
+    dim: int
+
+
+def softmax(node: fx.Node) -> Optional[Softmax]:
+    if not is_call(node, F.softmax, torch.softmax, torch.Tensor.softmax, methods=("softmax",)):
+        return None
+    dim = arg(node, 1, "dim")
+    x = self_arg(node)
+    ev = fake(x)
+    if not isinstance(dim, int) or ev is None:
+        return None
+    return Softmax(x, dim % ev.dim())
+
+
+# ---------------------------------------------------------------- casts
+_CAST_METHODS = ("float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous")
+
+
+def cast_input(node: fx.Node) -> Optional[fx.Node]:
+    """The input of a dtype cast (or a layout-only op such as contiguous), else None.
+
+    ``.to(device)`` or ``.to(other_tensor)`` moving devices is not a cast: we check that the
+    result lives on the same device with the same shape.
+    """
+    if not is_call(node, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as, methods=_CAST_METHODS):
+        return None
+    x = self_arg(node)
+    before, after = fake(x), fake(node)
+    if before is None or after is None:
+        return None
+    if before.device != after.device or tuple(before.shape) != tuple(after.shape):
+        return None
+    if not after.dtype.is_floating_point:
+        return None
+    return x
+
+
+# ---------------------------------------------------------------- scalar multiply / divide
+def scalar_scale(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
+    """``x * c``, ``c * x``, ``x / c``, ``torch.mul/div``, ``x.mul(c)``: (x, factor) for scalar c."""
+    if is_call(node, operator.mul, torch.mul, torch.Tensor.mul, operator.imul, methods=("mul", "mul_")):
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        ca, cb = scalar_value(a), scalar_value(b)
+        if cb is not None and is_tensor_node(a):
+            return a, cb
+        if ca is not None and is_tensor_node(b):
+            return b, ca
+        return None
+    if is_call(node, operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, operator.itruediv,
+               methods=("div", "div_", "true_divide")):
+        if node.kwargs.get("rounding_mode") is not None:
+            return None
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        cb = scalar_value(b)
+        if cb is not None and cb != 0 and is_tensor_node(a):
+            return a, 1.0 / cb
+    return None
+
+
+# ---------------------------------------------------------------- additions
+def tensor_add(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float]]:
+    """``a + b``, ``a += b``, ``a - b``, ``torch.add(a, b, alpha=)``: (a, b, coefficient of b)."""
+    if is_call(node, operator.add, operator.iadd, torch.add, torch.Tensor.add, methods=("add", "add_")):
+        sign = 1.0
+    elif is_call(node, operator.sub, operator.isub, torch.sub, torch.Tensor.sub, methods=("sub", "sub_")):
+        sign = -1.0
+    else:
+        return None
+    if len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    alpha = node.kwargs.get("alpha", 1)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    if not (is_tensor_node(a) and is_tensor_node(b)):
+        return None
+    return a, b, sign * float(alpha)
+
+
+# ---------------------------------------------------------------- masks
+class MaskOp(NamedTuple):
+    scores: fx.Node
+    cond: fx.Node
+    keep_when: bool  # the scores are kept where cond == keep_when
+    fill: float
+
+
+def mask_op(node: fx.Node) -> Optional[MaskOp]:
+    """``s.masked_fill(cond, v)`` and ``torch.where(cond, s, v)`` / ``torch.where(cond, v, s)``."""
+    if is_call(node, torch.masked_fill, torch.Tensor.masked_fill, methods=("masked_fill", "masked_fill_")):
+        s, cond, value = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
+        fill = scalar_value(value)
+        if fill is None or not is_tensor_node(cond) or fake(cond).dtype != torch.bool:
+            return None
+        return MaskOp(s, cond, False, fill)
+    if is_call(node, torch.where):
+        if len(node.args) != 3:
+            return None
+        cond, a, b = node.args
+        if not is_tensor_node(cond) or fake(cond).dtype != torch.bool:
+            return None
+        fa, fb = scalar_value(a), scalar_value(b)
+        if fb is not None and is_tensor_node(a):
+            return MaskOp(a, cond, True, fb)
+        if fa is not None and is_tensor_node(b):
+            return MaskOp(b, cond, False, fa)
+    return None
+
+
+def is_tanh(node: fx.Node) -> bool:
+    return is_call(node, torch.tanh, torch.Tensor.tanh, methods=("tanh",))
+
+
+# ---------------------------------------------------------------- dropout
+class Dropout(NamedTuple):
+    input: fx.Node
+    p: float
+    active: bool
+
+
+def dropout(node: fx.Node) -> Optional[Dropout]:
+    if is_call(node, F.dropout):
+        p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
+        inplace = arg(node, 3, "inplace", False)
+    elif is_call(node, torch.dropout):
+        p, training, inplace = arg(node, 1, "p"), arg(node, 2, "train"), False
+    elif is_call(node, methods=("dropout",)):
+        p, training, inplace = arg(node, 1, "p", 0.5), arg(node, 2, "train", True), False
+    else:
+        return None
+    if not isinstance(p, (int, float)) or not isinstance(training, bool) or inplace not in (False, True):
+        return None
+    p = float(p)
+    return Dropout(self_arg(node), p, bool(training) and p > 0)
+
+
+def format_scale(value: float) -> str:
+    """Scales print as 1/sqrt(d) when they are one (the common case), else as a number."""
+    if value > 0:
+        d = 1.0 / (value * value)
+        if abs(d - round(d)) < 1e-6 and round(d) > 1:
+            return f"1/sqrt({round(d)})"
+    return f"{value:.6g}" if not math.isnan(value) else "nan"
