@@ -11,8 +11,6 @@ import logging
 import torch
 from torch import Tensor
 
-from . import reference
-
 log = logging.getLogger(__name__)
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -53,8 +51,26 @@ def validate(q: Tensor, k: Tensor, v: Tensor, biases, masks) -> None:
             fail(f"biases must be floating point, got {t.dtype}")
 
 
+def _kernel_reason(q: Tensor, v: Tensor, mask_fill: float):
+    """None when the Triton kernels serve this call (see fusepass.kernels.support)."""
+    from fusepass.kernels.support import runtime_reason
+
+    reason = runtime_reason(q, v, mask_fill)
+    if reason is not None:
+        log.debug("fusepass.attention runs the reference: %s", reason)
+    return reason
+
+
 def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args):
     validate(q, k, v, biases, masks)
+    if _kernel_reason(q, v, mask_fill) is None:
+        from fusepass.kernels.forward import attention_forward
+
+        return attention_forward(
+            q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args
+        )
+    from . import reference
+
     return reference.attention_forward(
         q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args
     )
@@ -62,6 +78,15 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
 
 def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
              mask_fill, mask_expr, mask_args, bias_needs_grad):
+    if _kernel_reason(q, v, mask_fill) is None:
+        from fusepass.kernels.backward import attention_backward
+
+        return attention_backward(
+            grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+            mask_fill, mask_expr, mask_args, bias_needs_grad,
+        )
+    from . import reference
+
     return reference.attention_backward(
         grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
         mask_fill, mask_expr, mask_args, bias_needs_grad,

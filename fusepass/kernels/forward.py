@@ -1,0 +1,76 @@
+"""Forward launcher: templates/attention_fwd.py.jinja -> ``attn_fwd`` -> ``attention_forward``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusepass.autotune.config import KernelConfig
+
+from . import blockmap, render
+from .heuristics import ConfigQuery, choose, set_config_provider  # noqa: F401  (re-exported hook)
+from .launch_common import extra_args, head_dims, scalar_args, seed_tensor
+from .spec import KernelSpec
+
+log = logging.getLogger(__name__)
+
+
+def kernel_module(spec: KernelSpec, interpret: bool):
+    return render.load("attention_fwd.py.jinja", spec.render_params(), interpret=interpret)
+
+
+def grid(M: int, B: int, Hq: int, cfg: KernelConfig) -> tuple[int, int]:
+    """One program per (query tile of BLOCK_M rows, batch * query head); each program walks
+    all key tiles its block-map row lists (or all of them) with an online softmax."""
+    return (triton_cdiv(M, cfg.BLOCK_M), B * Hq)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, biases, masks, seed, scale: float, softcap: float,
+    dropout_p: float, mask_fill: float, mask_expr: str, mask_args, config: Optional[KernelConfig] = None,
+) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32; the op's semantics exactly."""
+    B, Hq, M, D = q.shape
+    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args)
+    interpret = q.device.type != "cuda"
+    cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device), config)
+    mod = kernel_module(spec, interpret)
+    out = torch.empty((B, Hq, M, Dv), dtype=v.dtype, device=q.device)
+    lse = torch.empty((B, Hq, M), dtype=torch.float32, device=q.device)
+    if M == 0 or B * Hq == 0:
+        return out, lse
+    if spec.block_map:
+        lists = blockmap.get(mask_expr, mask_args, M, N, cfg.BLOCK_M, cfg.BLOCK_N, q.device).by_row
+        map_args = [lists.partial_idx, lists.partial_cnt, lists.full_idx, lists.full_cnt, lists.stride]
+    else:
+        map_args = [None, None, None, None, 0]
+    with render.interpreting() if interpret else contextlib.nullcontext():
+        _launch(mod, q, k, v, out, lse, seed, spec, cfg, map_args, biases, masks, mask_args,
+                scale, softcap, dropout_p, mask_fill)
+    return out, lse
+
+
+def _launch(mod, q, k, v, out, lse, seed, spec, cfg, map_args, biases, masks, mask_args,
+            scale, softcap, dropout_p, mask_fill):
+    B, Hq, M, _ = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    mod.attn_fwd[grid(M, B, Hq, cfg)](
+        q, k, v, out, lse, seed_tensor(seed, q.device) if spec.dropout else None,
+        *map_args,
+        *extra_args(biases, masks, mask_args),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, M, N,
+        *scalar_args(spec, scale, softcap, dropout_p, mask_fill, N),
+        **head_dims(spec),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

@@ -1,0 +1,78 @@
+"""Default launch configs, and the hook through which the autotuner supplies tuned ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from fusepass.autotune.config import KernelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigQuery:
+    """What a config provider is asked: one launch's shape and features."""
+
+    direction: str  # "fwd" or "bwd"
+    spec: object  # fusepass.kernels.spec.KernelSpec
+    dtype: torch.dtype
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    device: torch.device
+
+
+ConfigProvider = Callable[[ConfigQuery], Optional[KernelConfig]]
+_provider: Optional[ConfigProvider] = None
+
+
+def set_config_provider(fn: Optional[ConfigProvider]) -> None:
+    """Install ``fn(query) -> KernelConfig | None`` (None: use the default); None removes it."""
+    global _provider
+    _provider = fn
+
+
+def arch_of(device: torch.device) -> Optional[tuple[int, int]]:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def default_config(arch: Optional[tuple[int, int]], dtype: torch.dtype, head_dim: int, direction: str) -> KernelConfig:
+    """A config that compiles and runs well enough everywhere; ``arch`` None = interpreter.
+
+    Forward: BLOCK_M query rows per program, BLOCK_N keys per step.  Backward: the dK/dV
+    program owns BLOCK_N keys and steps over BLOCK_M queries; the dQ program owns BLOCK_N
+    queries and steps over BLOCK_M keys.
+    """
+    if arch is None:
+        # Interpreter: numpy cost is per tile op, so fewer, larger tiles run faster.
+        return KernelConfig(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    wide = dtype == torch.float32
+    if direction == "fwd":
+        if head_dim <= 64:
+            return KernelConfig(BLOCK_M=128, BLOCK_N=64 if wide else 128, num_warps=4 if wide else 8, num_stages=3)
+        if head_dim <= 128:
+            return KernelConfig(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
+        return KernelConfig(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if head_dim <= 64:
+        return KernelConfig(BLOCK_M=32, BLOCK_N=128 if not wide else 64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return KernelConfig(BLOCK_M=32, BLOCK_N=64 if wide else 128, num_warps=8, num_stages=2)
+    return KernelConfig(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+def choose(query: ConfigQuery, explicit: Optional[KernelConfig]) -> KernelConfig:
+    if explicit is not None:
+        return explicit
+    if _provider is not None:
+        cfg = _provider(query)
+        if cfg is not None:
+            return cfg
+    return default_config(arch_of(query.device), query.dtype, max(query.spec.head_dim, query.spec.v_head_dim), query.direction)

@@ -1,0 +1,60 @@
+"""Argument packing shared by the forward and backward launchers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .spec import KernelSpec, padded_head_dim
+
+
+def strides4(t: torch.Tensor, target_dims: int = 4) -> list[int]:
+    """Strides of ``t`` seen as [B, H, M, N] (missing leading dims and size-1 dims: stride 0)."""
+    shape = (1,) * (target_dims - t.dim()) + tuple(t.shape)
+    stride = (0,) * (target_dims - t.dim()) + tuple(t.stride())
+    return [0 if s == 1 else st for s, st in zip(shape, stride)]
+
+
+def extra_args(biases, masks, mask_args) -> list:
+    out: list = []
+    for b in biases:
+        out += [b, *strides4(b)]
+    for m in masks:
+        # Triton has no bool pointer loads everywhere: read the same bytes as uint8.
+        out += [m.view(torch.uint8), *strides4(m)]
+    out += [int(a) for a in mask_args]
+    return out
+
+
+def seed_tensor(seed, device) -> torch.Tensor | None:
+    if seed is None:
+        return None
+    if seed.device == device:
+        return seed.reshape(1)
+    # A CPU seed: reading it syncs nothing; torch.full on the device needs no H2D copy.
+    return torch.full((1,), int(seed.item()), dtype=torch.int64, device=device)
+
+
+def scalar_args(spec: KernelSpec, scale, softcap, dropout_p, mask_fill, N) -> list:
+    log2e = 1.4426950408889634
+    threshold = int(dropout_p * 2**32) if dropout_p > 0 else 0
+    drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    fill_lse = 0.0
+    if spec.finite_fill:
+        # logsumexp of N equal fills, rounded like torch's fp32 logsumexp: fill + log(N).
+        fill_lse = float(np.float32(mask_fill) + np.float32(math.log(max(N, 1))))
+    return [
+        float(scale), float(scale) * log2e, float(softcap), 1.0 / softcap if softcap > 0 else 0.0,
+        threshold, drop_scale, fill_lse,
+    ]
+
+
+def head_dims(spec: KernelSpec) -> dict:
+    return dict(
+        HEAD_DIM=spec.head_dim,
+        HEAD_DIM_V=spec.v_head_dim,
+        HEAD_DIM_P=padded_head_dim(spec.head_dim),
+        HEAD_DIM_V_P=padded_head_dim(spec.v_head_dim),
+    )

@@ -1,0 +1,112 @@
+"""What a kernel must do, as one frozen dataclass: the structural variants of the templates.
+
+Everything that changes the generated code lives here (and in the render key); everything
+that does not (scale, softcap value, dropout rate, sequence lengths, strides) is a runtime
+argument, so one compiled kernel serves every sequence length (dynamic shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import torch
+
+from fusepass.masks.predicate import arg_count
+
+from .predicate_triton import to_triton, uses_names
+
+# Masked entries contribute exp(fill - rowmax); below this fill that underflows to exactly 0
+# in fp32 for any row whose visible scores are above fill + 104, so the kernels may treat a
+# finite fill as -inf on rows that see at least one key (and skip tiles).  See support.py.
+FINITE_FILL_LIMIT = -1e4
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def padded_head_dim(d: int) -> int:
+    return max(16, next_pow2(d))
+
+
+def bias_grad_mode(bias: torch.Tensor, target: Sequence[int]) -> str:
+    """How the kernel writes a bias gradient: "store" when the bias has the full [B, H, M, N]
+    shape (each element belongs to one program), else "atomic" with in-tile sums over M / N."""
+    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    reduced = [s == 1 and t != 1 for s, t in zip(shape, target)]
+    if not any(reduced):
+        return "store"
+    return "atomic" + ("_m" if reduced[2] else "") + ("_n" if reduced[3] else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    n_biases: int = 0
+    n_masks: int = 0
+    expr: str = ""  # mask predicate over b, h, i, j, M, N, a<k>; "" = none
+    n_args: int = 0
+    softcap: bool = False
+    dropout: bool = False
+    finite_fill: bool = False  # mask_fill finite: rows that see no key average V over all keys
+    head_dim: int = 64
+    v_head_dim: int = 64
+    precision: str = ""  # tl.dot input_precision for fp32 inputs ("tf32" / "ieee"); "" for half types
+    upcast_dot: bool = False  # interpreter + bf16: dots in fp32 (the interpreter's bf16 dot is wrong)
+    bias_grad: tuple[str, ...] = ()  # per bias: "" (no grad) or bias_grad_mode(); backward only
+
+    @property
+    def block_map(self) -> bool:
+        # A predicate that reads b or h would need a map per (b, h): not built; all tiles partial.
+        return bool(self.expr) and not ({"b", "h"} & uses_names(self.expr))
+
+    def render_params(self) -> dict[str, Any]:
+        names = {"b": "off_b", "h": "off_h", "i": "ii", "j": "jj", "M": "M", "N": "N"}
+        names.update({f"a{k}": f"a{k}" for k in range(self.n_args)})
+        return dict(
+            n_biases=self.n_biases,
+            n_masks=self.n_masks,
+            n_args=self.n_args,
+            pred=to_triton(self.expr, names) if self.expr else "",
+            block_map=self.block_map,
+            softcap=self.softcap,
+            dropout=self.dropout,
+            finite_fill=self.finite_fill,
+            even_d=self.head_dim == padded_head_dim(self.head_dim),
+            even_dv=self.v_head_dim == padded_head_dim(self.v_head_dim),
+            precision=self.precision,
+            upcast_dot=self.upcast_dot,
+            bias_grad=list(self.bias_grad) or [""] * self.n_biases,
+        )
+
+    @classmethod
+    def from_op(cls, q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args,
+                bias_needs_grad=None) -> "KernelSpec":
+        precision = ""
+        if q.dtype == torch.float32:
+            precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        grads = ()
+        if bias_needs_grad is not None:
+            grads = tuple(bias_grad_mode(b, target) if need else "" for b, need in zip(biases, bias_needs_grad))
+        return cls(
+            n_biases=len(biases),
+            n_masks=len(masks),
+            expr=mask_expr,
+            n_args=max(len(mask_args), arg_count(mask_expr)),
+            softcap=softcap > 0,
+            dropout=dropout_p > 0,
+            finite_fill=not math.isinf(mask_fill),
+            head_dim=q.shape[-1],
+            v_head_dim=v.shape[-1],
+            precision=precision,
+            upcast_dot=q.device.type != "cuda" and q.dtype == torch.bfloat16,
+            bias_grad=grads,
+        )
+
+    @classmethod
+    def from_features(cls, pred: str = "", **kw: Any) -> "KernelSpec":
+        """For ``render.show``: ``pred`` is the predicate text, the rest are field values."""
+        kw.setdefault("n_args", arg_count(pred))
+        return cls(expr=pred, **kw)

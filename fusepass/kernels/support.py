@@ -1,0 +1,68 @@
+"""Which calls the kernels serve: one static check, used at compile time (explain) and at run time."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .spec import FINITE_FILL_LIMIT
+
+SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def interpret_requested() -> bool:
+    return os.environ.get("FUSEPASS_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fallback_reason(
+    device_type: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    v_head_dim: int,
+    mask_fill: float = float("-inf"),
+    *,
+    interpret: Optional[bool] = None,
+    capability: Optional[tuple[int, int]] = None,
+) -> Optional[str]:
+    """None when the Triton kernels serve this case, else why the reference runs instead."""
+    if interpret is None:
+        interpret = interpret_requested()
+    if _triton_version() is None:
+        return "triton is not installed"
+    if device_type == "cpu":
+        if not interpret:
+            return "CPU tensors (set FUSEPASS_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    elif device_type != "cuda":
+        return f"device type {device_type!r} has no kernels"
+    elif capability is not None and capability < (8, 0):
+        return f"GPU compute capability {capability[0]}.{capability[1]} < 8.0"
+    if dtype not in SERVED_DTYPES:
+        return f"dtype {dtype} (kernels serve float16, bfloat16, float32)"
+    if max(head_dim, v_head_dim) > MAX_HEAD_DIM:
+        return f"head dim {max(head_dim, v_head_dim)} > {MAX_HEAD_DIM}"
+    if not math.isinf(mask_fill) and mask_fill > FINITE_FILL_LIMIT:
+        # The kernels treat masked scores as -inf on rows that see a key; that is exact only
+        # when exp(fill - rowmax) underflows to 0.
+        return f"finite mask_fill {mask_fill} > {FINITE_FILL_LIMIT:g}"
+    if not math.isinf(mask_fill) and math.isnan(mask_fill):
+        return "mask_fill is NaN"
+    return None
+
+
+def runtime_reason(q: torch.Tensor, v: torch.Tensor, mask_fill: float) -> Optional[str]:
+    cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+    return fallback_reason(q.device.type, q.dtype, q.shape[-1], v.shape[-1], mask_fill, capability=cap)
