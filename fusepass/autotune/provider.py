@@ -1,0 +1,385 @@
+"""The config provider the kernel launchers call: one function from a call's tensors to a config.
+
+A launcher does, per launch::
+
+    cfg = provider.select_config(
+        "fwd", q, k, v,
+        features=signature,               # mask/feature signature string of this kernel variant
+        template_hash=TEMPLATE_HASH,      # changes whenever the generated kernel does
+        default=heuristics.default_config(...),
+        bench_fn=provider.bench_on_random_inputs(_launch, q, k, v, ...),
+    )
+
+``select_config`` returns ``default`` without timing anything when autotuning is off
+(``options.autotune`` / ``FUSEPASS_AUTOTUNE=0``), on a non-CUDA device (the interpreter, CPU),
+or while a CUDA graph is being captured; otherwise it looks the key up (memory, then the
+cache file) and tunes on a miss.  Repeated calls for a known shape cost one dict lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..options import Options, resolve_options
+from . import space
+from .config import KernelConfig, arch_for
+from .key import TuneKey, bucket
+from .tuner import BenchFn, Runner, Tuner, default_tuner
+
+log = logging.getLogger(__name__)
+
+_options: Options | None = None
+_fast: dict[tuple, KernelConfig] = {}
+_fast_lock = threading.Lock()
+
+
+def configure(options: Options | None) -> None:
+    """Set the options the provider honours (the backend calls this when it compiles).
+    ``None`` goes back to the environment (``FUSEPASS_AUTOTUNE``)."""
+    global _options
+    _options = options
+    with _fast_lock:
+        _fast.clear()
+
+
+def current_options() -> Options:
+    global _options
+    if _options is None:
+        _options = resolve_options()
+    return _options
+
+
+def autotune_enabled(options: Options | None = None) -> bool:
+    options = options or current_options()
+    return bool(options.autotune) and not options.interpret
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(index: int) -> tuple[str, tuple[int, int], int | None]:
+    """(name, compute capability, opt-in shared memory per block or None) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    return props.name, (props.major, props.minor), (int(smem) if smem else None)
+
+
+def _hint(size: Any) -> int:
+    """A concrete int for a size that may be a SymInt (fake tensors), without adding guards."""
+    if isinstance(size, int):
+        return size
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(size))
+    except ImportError:  # older torch (2.11 on the device)
+        hint = getattr(getattr(size, "node", None), "hint", None)
+        return int(hint) if hint is not None else int(size)
+
+
+def problem_shape(q: Tensor, k: Tensor, v: Tensor) -> tuple[tuple[str, int], ...]:
+    """(("B", B), ("Hq", Hq), ("Hkv", Hkv), ("M", M), ("N", N), ("D", D), ("Dv", Dv)) of
+    q [B, Hq, M, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv]."""
+    B, Hq, M, D = (_hint(s) for s in q.shape)
+    _, Hkv, N, _ = (_hint(s) for s in k.shape)
+    Dv = _hint(v.shape[-1])
+    return (("B", B), ("Hq", Hq), ("Hkv", Hkv), ("M", M), ("N", N), ("D", D), ("Dv", Dv))
+
+
+def attention_flops(direction: str, shape: Sequence[tuple[str, int]], density: float = 1.0) -> float:
+    """FLOPs of one call: forward 2*B*Hq*M*N*(D + Dv) (= 4*B*H*M*N*D when Dv = D) times the
+    visible fraction ``density`` (0.5 for causal); backward 2.5x forward (fwd+bwd = 3.5x)."""
+    s = dict(shape)
+    fwd = 2.0 * s["B"] * s["Hq"] * s["M"] * s["N"] * (s["D"] + s["Dv"]) * density
+    return fwd if direction == "fwd" else 2.5 * fwd
+
+
+def make_key(direction: str, q: Tensor, k: Tensor, v: Tensor, *, features: str, template_hash: str) -> TuneKey:
+    """The tune key of a call on CUDA tensors q [B, Hq, M, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv]."""
+    name, capability, _ = device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    shape = dict(problem_shape(q, k, v))
+    return TuneKey.build(
+        gpu=name,
+        capability=capability,
+        template_hash=template_hash,
+        dtype=q.dtype,
+        head_dim=shape["D"],
+        value_head_dim=shape["Dv"],
+        seq_q=shape["M"],
+        seq_k=shape["N"],
+        direction=direction,
+        features=features,
+        gqa_group=max(1, shape["Hq"] // max(1, shape["Hkv"])),
+    )
+
+
+def random_like(t: Any) -> Any:
+    """A real tensor with ``t``'s sizes, strides, dtype and device, filled with random values
+    (``t`` may be a fake tensor); None and non-tensors pass through."""
+    if not isinstance(t, Tensor):
+        return t
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    size = [_hint(s) for s in t.shape]
+    stride = [_hint(s) for s in t.stride()]
+    with unset_fake_temporarily(), torch.no_grad():
+        out = torch.empty_strided(size, stride, dtype=t.dtype, device=t.device)
+        if t.dtype == torch.bool:
+            out.copy_(torch.rand(size, device=t.device) < 0.5)
+        elif t.dtype.is_floating_point and t.element_size() > 1:
+            out.normal_()
+        elif t.dtype.is_floating_point:  # fp8: no normal_ kernel; fill in fp16 and cast
+            out.copy_(torch.randn(size, device=t.device, dtype=torch.float16))
+        else:
+            out.copy_(torch.randint(0, 2**16, size, device=t.device, dtype=t.dtype))
+    return out
+
+
+def bench_on_random_inputs(launch: Callable[..., object], *tensors: Any) -> BenchFn:
+    """A ``bench_fn`` for :func:`select_config`: ``launch(cfg, *inputs)`` on random tensors
+    shaped like ``tensors`` (built once, on the first config timed, so a cache hit allocates
+    nothing)."""
+    inputs: list[Any] = []
+
+    def bench_fn(cfg: KernelConfig) -> Runner:
+        if not inputs:
+            inputs.extend(random_like(t) for t in tensors)
+        return functools.partial(launch, cfg, *inputs)
+
+    return bench_fn
+
+
+def _default_candidates(key: TuneKey, device: torch.device, warp_specialize: bool) -> list[KernelConfig]:
+    _, capability, smem = device_info(device.index if device.index is not None else torch.cuda.current_device())
+    arch = arch_for(capability, smem)
+    return space.candidates(
+        arch, key.head_dim, key.dtype, value_head_dim=key.value_head_dim, direction=key.direction,
+        m_bucket=key.m_bucket, n_bucket=key.n_bucket, warp_specialize=warp_specialize,
+    )
+
+
+def select_config(
+    direction: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    features: str,
+    template_hash: str,
+    default: KernelConfig,
+    bench_fn: BenchFn,
+    candidates: Sequence[KernelConfig] | None = None,
+    options: Options | None = None,
+    density: float = 1.0,
+    warp_specialize: bool = False,
+    tuner: Tuner | None = None,
+) -> KernelConfig:
+    """The config to launch ``direction`` ("fwd"/"bwd") with for this call (see module doc).
+
+    ``features`` is the kernel variant's mask/feature signature, ``density`` the visible
+    fraction of (i, j) pairs (for the TFLOP/s recorded), ``warp_specialize`` whether the
+    template can use warp specialization (adds that knob to the sm90 space).
+    """
+    if not autotune_enabled(options) or q.device.type != "cuda":
+        return default
+    # Everything the key depends on, cheaply: B and the head counts only enter through G.
+    fast = (direction, q.device.index, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // max(1, k.shape[1]),
+            bucket(q.shape[-2]), bucket(k.shape[-2]), features, template_hash, id(tuner))
+    cfg = _fast.get(fast)
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing():
+        log.debug("fusepass autotune: CUDA graph capture in progress; using the default config")
+        return default
+    key = make_key(direction, q, k, v, features=features, template_hash=template_hash)
+    tuner = tuner or default_tuner()
+    entry = tuner.lookup(key)
+    if entry is not None:
+        cfg = entry.config
+    else:
+        shape = problem_shape(q, k, v)
+        if candidates is None:
+            candidates = _default_candidates(key, q.device, warp_specialize)
+        cfg = tuner.tune(
+            key, space.with_default(candidates, default), bench_fn, default=default, shape=shape,
+            flops=attention_flops(direction, shape, density),
+        )
+    with _fast_lock:
+        _fast[fast] = cfg
+    return cfg
+
+
+
+# -- the kernel launchers' hook (fusepass.kernels.heuristics.set_config_provider) ----------------
+
+_warned: set[str] = set()
+
+
+def _warn_once(tag: str, message: str, *args: Any) -> None:
+    if tag not in _warned:
+        _warned.add(tag)
+        log.warning(message, *args)
+
+
+@functools.lru_cache(maxsize=1)
+def template_hash() -> str:
+    """Hash of every kernel template's text (``fusepass.kernels.render``): any edit to a
+    template makes old tuned configs stale."""
+    import hashlib
+
+    from ..kernels import render
+
+    public = getattr(render, "template_hash", None)
+    if callable(public):
+        return str(public())
+    return hashlib.sha256(render._all_templates_text().encode()).hexdigest()[:16]
+
+
+def feature_signature(spec: Any) -> str:
+    """The mask/feature signature of a ``fusepass.kernels.spec.KernelSpec``: its structural
+    fields that differ from the defaults, head dims left out (they are key fields of their own)."""
+    import dataclasses
+
+    parts = []
+    for f in dataclasses.fields(spec):
+        if f.name in ("head_dim", "v_head_dim"):
+            continue
+        value = getattr(spec, f.name)
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            parts.append(f.name)
+        elif isinstance(value, tuple):
+            parts.append(f"{f.name}={'/'.join(map(str, value))}")
+        else:
+            parts.append(f"{f.name}={value}")
+    return ",".join(parts)
+
+
+def _synthetic_args(query: Any, q: Tensor) -> tuple | None:
+    """The op's non-q/k/v arguments for timing when the query does not carry the call's own:
+    broadcast [1, 1, M, N] biases and all-true masks.  None when they cannot be made up (a
+    predicate with runtime arguments: their values decide which tiles run)."""
+    spec = query.spec
+    if spec.n_args:
+        return None
+    M, N = query.q_len, query.kv_len
+    with torch.no_grad():
+        biases = [torch.randn(1, 1, M, N, dtype=q.dtype, device=q.device) for _ in range(spec.n_biases)]
+        masks = [torch.ones(1, 1, M, N, dtype=torch.bool, device=q.device) for _ in range(spec.n_masks)]
+    seed = torch.tensor(1234, dtype=torch.int64, device=q.device) if spec.dropout else None
+    fill = torch.finfo(q.dtype).min if spec.finite_fill else float("-inf")
+    return (biases, masks, seed, spec.head_dim ** -0.5, 30.0 if spec.softcap else 0.0,
+            0.1 if spec.dropout else 0.0, fill, spec.expr, [])
+
+
+def _kernel_bench_fn(query: Any) -> BenchFn | None:
+    """``bench_fn`` that calls the kernel launcher with an explicit config on random q, k, v of
+    the query's shape (and the call's own other arguments when the query has ``args``)."""
+    B, Hq, Hkv, M, N = query.batch, query.q_heads, query.kv_heads, query.q_len, query.kv_len
+    D, Dv = query.spec.head_dim, query.spec.v_head_dim
+    device, dtype = query.device, query.dtype
+    state: dict[str, Any] = {}
+
+    def inputs() -> dict[str, Any]:
+        if not state:
+            with torch.no_grad():
+                q = torch.randn(B, Hq, M, D, dtype=dtype, device=device)
+                k = torch.randn(B, Hkv, N, D, dtype=dtype, device=device)
+                v = torch.randn(B, Hkv, N, Dv, dtype=dtype, device=device)
+            args = getattr(query, "args", None)
+            if args is None:
+                args = _synthetic_args(query, q)
+            state.update(q=q, k=k, v=v, args=args)
+            if query.direction == "bwd":
+                with torch.no_grad():
+                    state["dout"] = torch.randn(B, Hq, M, Dv, dtype=dtype, device=device)
+                    state["out"] = torch.randn(B, Hq, M, Dv, dtype=dtype, device=device)
+                    state["lse"] = torch.randn(B, Hq, M, dtype=torch.float32, device=device) + math.log(max(1, N))
+        return state
+
+    if query.direction == "fwd":
+        from ..kernels.forward import attention_forward
+
+        def bench_fwd(cfg: KernelConfig) -> Runner:
+            s = inputs()
+            return functools.partial(attention_forward, s["q"], s["k"], s["v"], *s["args"], config=cfg)
+
+        return bench_fwd
+
+    try:
+        from ..kernels.backward import attention_backward
+    except ImportError:
+        _warn_once("no-bwd", "fusepass autotune: fusepass.kernels.backward is missing; backward uses the default config")
+        return None
+    grads = tuple(bool(m) for m in getattr(query.spec, "bias_grad", ()))
+
+    def bench_bwd(cfg: KernelConfig) -> Runner:
+        s = inputs()
+        needs = list(grads) or [False] * len(s["args"][0])
+        return functools.partial(attention_backward, s["dout"], s["q"], s["k"], s["v"], s["out"], s["lse"],
+                                 *s["args"], needs, config=cfg)
+
+    return bench_bwd
+
+
+def kernel_config_provider(query: Any) -> KernelConfig | None:
+    """``fusepass.kernels.heuristics.ConfigProvider``: the tuned config for one launch, or None
+    (the launcher then uses ``heuristics.default_config``) when autotuning is off, the device is
+    not CUDA, a CUDA graph is being captured, or the call cannot be timed."""
+    if not autotune_enabled() or query.device.type != "cuda":
+        return None
+    from ..kernels import heuristics
+
+    fast = ("hook", query.direction, query.device.index, query.dtype, query.spec, query.q_heads // max(1, query.kv_heads),
+            bucket(query.q_len), bucket(query.kv_len))
+    cfg = _fast.get(fast)
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    spec = query.spec
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    name, capability, smem = device_info(index)
+    key = TuneKey.build(
+        gpu=name, capability=capability, template_hash=template_hash(), dtype=query.dtype,
+        head_dim=spec.head_dim, value_head_dim=spec.v_head_dim, seq_q=query.q_len, seq_k=query.kv_len,
+        direction=query.direction, features=feature_signature(spec),
+        gqa_group=max(1, query.q_heads // max(1, query.kv_heads)),
+    )
+    tuner = default_tuner()
+    entry = tuner.lookup(key)
+    if entry is not None:
+        cfg = entry.config
+    else:
+        bench_fn = _kernel_bench_fn(query)
+        if bench_fn is None or (getattr(query, "args", None) is None and spec.n_args):
+            log.debug("fusepass autotune: cannot time %s without the call's mask arguments; default config",
+                      key.describe())
+            return None
+        default = heuristics.default_config(capability, query.dtype, max(spec.head_dim, spec.v_head_dim), query.direction)
+        arch = arch_for(capability, smem)
+        cands = space.candidates(
+            arch, key.head_dim, key.dtype, value_head_dim=key.value_head_dim, direction=key.direction,
+            m_bucket=key.m_bucket, n_bucket=key.n_bucket,
+        )
+        shape = (("B", query.batch), ("Hq", query.q_heads), ("Hkv", query.kv_heads), ("M", query.q_len),
+                 ("N", query.kv_len), ("D", spec.head_dim), ("Dv", spec.v_head_dim))
+        with torch.cuda.device(index):
+            cfg = tuner.tune(key, space.with_default(cands, default), bench_fn, default=default, shape=shape,
+                             flops=attention_flops(query.direction, shape))  # dense FLOPs, masked or not
+    with _fast_lock:
+        _fast[fast] = cfg
+    return cfg
+
+
+def install() -> None:
+    """Route every kernel launch's config through the autotuner (idempotent)."""
+    from ..kernels import heuristics
+
+    heuristics.set_config_provider(kernel_config_provider)

@@ -1,0 +1,214 @@
+"""Times candidate configs for a key, once, and remembers the winner in memory and on disk.
+
+``bench_fn(config)`` returns a zero-argument callable that launches the kernel once with
+that config on tuning inputs (allocations belong outside the callable).  ``timer(fn)``
+returns milliseconds; the default is ``triton.testing.do_bench``'s median.  A candidate whose
+compile or launch raises is skipped (logged at DEBUG) — pruning is an estimate, not a proof.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import math
+import threading
+import time
+from typing import Callable, Sequence
+
+from .cache import MAX_RUNNER_UPS, CacheEntry, TuneCache
+from .config import KernelConfig
+from .key import TuneKey
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[], object]
+BenchFn = Callable[[KernelConfig], Runner]
+Timer = Callable[[Runner], float]
+
+# do_bench's warmup/rep are target times in ms.  NOTE: 10/40 keeps one candidate near 0.1 s
+# of timing (compile excluded), so a 30-config space costs seconds rather than a minute.
+BENCH_WARMUP_MS = 10
+BENCH_REP_MS = 40
+
+
+def do_bench_median(fn: Runner) -> float:
+    """Median milliseconds of ``fn`` by ``triton.testing.do_bench`` (it flushes L2 between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median"))
+
+
+class TuningFailed(RuntimeError):
+    """Every candidate failed to compile or run and there was no default to fall back to."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneRequest:
+    """One key to tune, with what it takes to time it (for :meth:`Tuner.tune_many`)."""
+
+    key: TuneKey
+    candidates: Sequence[KernelConfig]
+    bench_fn: BenchFn
+    default: KernelConfig | None = None
+    shape: tuple[tuple[str, int], ...] = ()
+    flops: float | None = None
+
+
+class Tuner:
+    """Remembers winners per key in memory and in a :class:`TuneCache`; tunes a key only when
+    neither has it.  Thread-safe: concurrent calls for one key tune it once."""
+
+    def __init__(self, cache: TuneCache | None = None, timer: Timer | None = None, *, persist: bool = True) -> None:
+        self.cache = cache if cache is not None else TuneCache()
+        self.timer: Timer = timer or do_bench_median
+        self.persist = persist
+        self._memory: dict[TuneKey, CacheEntry] = {}
+        self._failed: set[TuneKey] = set()  # keys where every config failed: not retried here
+        self._lock = threading.RLock()
+        self.tuned_count = 0  # keys this tuner has timed (not served from a cache)
+
+    def lookup(self, key: TuneKey) -> CacheEntry | None:
+        """The remembered entry for ``key``: memory first, then the cache file."""
+        entry = self._memory.get(key)
+        if entry is None:
+            entry = self.cache.get(key)
+            if entry is not None:
+                log.debug("fusepass autotune: cache hit for %s: %s", key.describe(), entry.config.short())
+                self._memory[key] = entry
+        return entry
+
+    def tune(
+        self,
+        key: TuneKey,
+        candidates: Sequence[KernelConfig],
+        bench_fn: BenchFn,
+        *,
+        default: KernelConfig | None = None,
+        shape: tuple[tuple[str, int], ...] = (),
+        flops: float | None = None,
+        progress: tuple[int, int] | None = None,
+    ) -> KernelConfig:
+        """The best config for ``key``, timing ``candidates`` (and ``default``) unless known."""
+        with self._lock:
+            entry = self.lookup(key)
+            if entry is not None:
+                return entry.config
+            if key in self._failed and default is not None:
+                return default
+            entry = self._time(key, candidates, bench_fn, default, shape, flops, progress)
+            if entry is None:
+                assert default is not None
+                self._failed.add(key)
+                return default
+            self._memory[key] = entry
+            if self.persist:
+                self.cache.put(key, entry)
+            return entry.config
+
+    def tune_many(self, requests: Sequence[TuneRequest]) -> list[KernelConfig]:
+        """Tune several keys (e.g. every site of one compile) with a progress count over the
+        keys that are not known yet: ``tuning 2/5 ...``."""
+        with self._lock:
+            todo = [r for r in requests if self.lookup(r.key) is None and r.key not in self._failed]
+            seen: set[TuneKey] = set()
+            todo = [r for r in todo if not (r.key in seen or seen.add(r.key))]
+            if todo:
+                log.info("fusepass autotune: %d of %d keys need tuning", len(todo), len(requests))
+            for i, r in enumerate(todo, 1):
+                self.tune(r.key, r.candidates, r.bench_fn, default=r.default, shape=r.shape,
+                          flops=r.flops, progress=(i, len(todo)))
+            return [self.tune(r.key, r.candidates, r.bench_fn, default=r.default) for r in requests]
+
+    def _time(self, key, candidates, bench_fn, default, shape, flops, progress) -> CacheEntry | None:
+        order = list(candidates)
+        if default is not None and default not in order:
+            order.insert(0, default)
+        count = progress or (self.tuned_count + 1, 0)
+        label = f"{count[0]}/{count[1]}" if count[1] else f"#{count[0]}"
+        log.info("fusepass autotune: tuning %s %s over %d configs ...", label, key.describe(), len(order))
+        start = time.perf_counter()
+        timings: list[tuple[KernelConfig, float]] = []
+        for cfg in order:
+            try:
+                ms = float(self.timer(bench_fn(cfg)))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile or run is skipped
+                log.debug("fusepass autotune: %s failed for %s: %s: %s", cfg.short(), key.describe(), type(e).__name__, e)
+                continue
+            if not math.isfinite(ms) or ms <= 0:
+                log.debug("fusepass autotune: %s gave a bad time %r for %s", cfg.short(), ms, key.describe())
+                continue
+            timings.append((cfg, ms))
+        elapsed = time.perf_counter() - start
+        self.tuned_count += 1
+        if not timings:
+            if default is None:
+                raise TuningFailed(f"fusepass autotune: every one of {len(order)} configs failed for {key.describe()}")
+            log.warning("fusepass autotune: every config failed for %s; using the default %s (not cached)",
+                        key.describe(), default.short())
+            return None
+        ranked = sorted(timings, key=lambda t: t[1])  # stable: earlier candidates win ties
+        best, best_ms = ranked[0]
+        default_ms = next((ms for cfg, ms in timings if cfg == default), None)
+        entry = CacheEntry(
+            config=best,
+            time_ms=best_ms,
+            runner_up=tuple(ranked[1 : 1 + MAX_RUNNER_UPS]),
+            tuned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            tuning_seconds=round(elapsed, 3),
+            shape=tuple(shape),
+            tflops=(flops / (best_ms * 1e-3) / 1e12) if flops else None,
+            default_config=default,
+            default_ms=default_ms,
+            candidates=len(timings),
+        )
+        vs_default = (
+            f", default {default.short()} {default_ms:.3f} ms ({default_ms / best_ms:.2f}x)"
+            if default is not None and default_ms is not None else ""
+        )
+        log.info("fusepass autotune: tuned %s %s in %.1f s: %s %.3f ms%s, %d/%d configs ran",
+                 label, key.describe(), elapsed, best.short(), best_ms, vs_default, len(timings), len(order))
+        return entry
+
+    def forget_memory(self) -> None:
+        """Drop the in-memory entries (the cache file stays)."""
+        with self._lock:
+            self._memory.clear()
+            self._failed.clear()
+
+
+_default_tuner: Tuner | None = None
+_default_lock = threading.Lock()
+
+
+def default_tuner() -> Tuner:
+    """The process-wide tuner on the default cache directory (created on first use)."""
+    global _default_tuner
+    with _default_lock:
+        if _default_tuner is None:
+            _default_tuner = Tuner()
+        return _default_tuner
+
+
+def set_default_tuner(tuner: Tuner | None) -> None:
+    """Replace the process-wide tuner (tests; a custom cache directory or timer)."""
+    global _default_tuner
+    with _default_lock:
+        _default_tuner = tuner
+
+
+def tune(
+    key: TuneKey,
+    candidates: Sequence[KernelConfig],
+    bench_fn: BenchFn,
+    timer: Timer | None = None,
+    *,
+    default: KernelConfig | None = None,
+    shape: tuple[tuple[str, int], ...] = (),
+    flops: float | None = None,
+    cache: TuneCache | None = None,
+) -> KernelConfig:
+    """Best config for ``key`` through the process-wide tuner (or a tuner on ``cache``/``timer``
+    when given; memory is then per call, the file still dedupes across calls)."""
+    tuner = default_tuner() if timer is None and cache is None else Tuner(cache, timer)
+    return tuner.tune(key, candidates, bench_fn, default=default, shape=shape, flops=flops)
