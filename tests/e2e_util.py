@@ -1,0 +1,58 @@
+"""Helpers shared by the end-to-end tests (real models, nanoGPT, dynamic shapes, Inductor).
+
+Kept out of ``conftest.py`` so that the fixtures there stay small; import what you need with
+``from e2e_util import ...`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
+
+FUSED_OP = "fusepass::attention"
+FUSED_BACKWARD_OP = "fusepass::attention_backward"
+
+
+def fused_count() -> int:
+    return counters["fusepass"]["attention_fused"]
+
+
+def rejected_count() -> int:
+    return counters["fusepass"]["attention_rejected"]
+
+
+def unique_graphs() -> int:
+    """Graphs Dynamo has compiled so far: it adds one each time a backend returns a compiled
+    graph (``OutputGraph.call_user_compiler``), whatever the backend; recompiles count too."""
+    return counters["stats"]["unique_graphs"]
+
+
+@contextlib.contextmanager
+def count_op_calls():
+    """Count how often each ``fusepass::*`` op really runs inside the block (at the dispatcher,
+    through the profiler: whatever the inner compiler did with the graph, a call is a call).
+
+    Use it around calls of an already-compiled model, so tracing is not counted.
+    """
+    calls: Counter[str] = Counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield calls
+    for event in prof.key_averages():
+        if event.key.startswith("fusepass::"):
+            calls[event.key] += event.count
+
+
+def projection_loss(out: torch.Tensor, generator_seed: int = 1234) -> torch.Tensor:
+    """A scalar loss with a non-degenerate gradient everywhere.
+
+    ``out.sum()`` is a bad loss after a LayerNorm (its gradient into the normalized input is
+    ~0); a fixed random projection is not.  The weights are drawn in float64 so that the fp32
+    and fp64 runs use the same numbers.
+    """
+    g = torch.Generator().manual_seed(generator_seed)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    return (out * w).sum()
