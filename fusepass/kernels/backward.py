@@ -1,0 +1,102 @@
+"""Backward launcher: templates/attention_bwd.py.jinja -> three kernels -> ``attention_backward``.
+
+Grids: ``attn_bwd_pre`` one program per (BLOCK_M query rows, b*Hq + h); ``attn_bwd_dkdv`` one
+program per (BLOCK_N keys, b*Hkv + hkv), looping over the G query heads of the group and
+their query tiles in steps of BLOCK_M (GQA: K/V read once, dK/dV summed in registers; no
+atomics); ``attn_bwd_dq`` one program per (BLOCK_N query rows, b*Hq + h) stepping over key
+tiles of BLOCK_M (dQ in a separate pass: deterministic, no atomics).  So in a backward
+KernelConfig BLOCK_N is the size of the tile a program owns and BLOCK_M the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusepass.autotune.config import KernelConfig
+
+from . import blockmap, render
+from .heuristics import ConfigQuery, choose
+from .launch_common import extra_args, head_dims, scalar_args, seed_tensor, strides4
+from .spec import KernelSpec, padded_head_dim
+
+log = logging.getLogger(__name__)
+
+_PRE_BLOCK_M = 64
+
+
+def kernel_module(spec: KernelSpec, interpret: bool):
+    return render.load("attention_bwd.py.jinja", spec.render_params(), interpret=interpret)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _map_args(lists: Optional[blockmap.TileLists]) -> list:
+    if lists is None:
+        return [None, None, None, None, 0]
+    return [lists.partial_idx, lists.partial_cnt, lists.full_idx, lists.full_cnt, lists.stride]
+
+
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, biases, masks, seed,
+    scale: float, softcap: float, dropout_p: float, mask_fill: float, mask_expr: str, mask_args,
+    bias_needs_grad, config: Optional[KernelConfig] = None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """dq, dk, dv (shapes and dtypes of q, k, v) and one gradient per bias (empty if not needed)."""
+    B, Hq, M, D = q.shape
+    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args,
+                              bias_needs_grad=bias_needs_grad)
+    interpret = q.device.type != "cuda"
+    cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device), config)
+    mod = kernel_module(spec, interpret)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbiases, db_args, finish = [], [], []
+    for b, mode in zip(biases, spec.bias_grad):
+        if not mode:
+            dbiases.append(b.new_empty((0,)))
+        elif mode == "store":
+            g = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+            dbiases.append(g)
+            db_args += [g, *strides4(g)]
+        else:
+            acc = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+            dbiases.append(acc)
+            finish.append((len(dbiases) - 1, b.dtype))
+            db_args += [acc, *strides4(acc)]
+    if B * Hq * M == 0 or N == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, [t.to(dt) if i in dict(finish) else t for i, (t, dt) in enumerate(zip(dbiases, [b.dtype for b in biases]))]
+    delta = torch.empty((B, Hq, M), dtype=torch.float32, device=q.device)
+    seed_t = seed_tensor(seed, q.device) if spec.dropout else None
+    common_tail = [Hq, Hq // Hkv, M, N, *scalar_args(spec, scale, softcap, dropout_p, mask_fill, N)]
+    extras = extra_args(biases, masks, mask_args)
+    by_col = by_row = None
+    if spec.block_map:
+        by_col = blockmap.get(mask_expr, mask_args, M, N, cfg.BLOCK_M, cfg.BLOCK_N, q.device).by_col
+        by_row = blockmap.get(mask_expr, mask_args, M, N, cfg.BLOCK_N, cfg.BLOCK_M, q.device).by_row
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with render.interpreting() if interpret else contextlib.nullcontext():
+        mod.attn_bwd_pre[(_cdiv(M, _PRE_BLOCK_M), B * Hq)](
+            out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), Hq, M,
+            HEAD_DIM_V=Dv, HEAD_DIM_V_P=padded_head_dim(Dv), BLOCK_M=_PRE_BLOCK_M,
+        )
+        mod.attn_bwd_dkdv[(_cdiv(N, cfg.BLOCK_N), B * Hkv)](
+            q, k, v, grad_out, lse, delta, dk, dv, seed_t, *_map_args(by_col), *extras, *db_args,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *common_tail, **head_dims(spec), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **launch,
+        )
+        mod.attn_bwd_dq[(_cdiv(M, cfg.BLOCK_N), B * Hq)](
+            q, k, v, grad_out, lse, delta, dq, seed_t, *_map_args(by_row), *extras,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            *common_tail, **head_dims(spec), BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M, **launch,
+        )
+    for i, dtype in finish:
+        dbiases[i] = dbiases[i].to(dtype)
+    return dq, dk, dv, dbiases
