@@ -21,7 +21,7 @@ from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
 from .heuristics import ConfigQuery, choose
-from .launch_common import extra_args, head_dims, scalar_args, seed_tensor, strides4
+from .launch_common import extra_args, head_dims, new_like, new_output, scalar_args, seed_tensor, strides4
 from .spec import KernelSpec, padded_head_dim
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,15 @@ def attention_backward(
     interpret = q.device.type != "cuda"
     cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device), config)
     mod = kernel_module(spec, interpret)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = new_like(q), new_like(k), new_like(v)
     dbiases, db_args, finish = [], [], []
     for b, mode in zip(biases, spec.bias_grad):
         if not mode:
             dbiases.append(b.new_empty((0,)))
         elif mode == "store":
-            g = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+            # Skipped (empty) tiles are never written: their gradient is 0.
+            g = torch.zeros(b.shape, dtype=b.dtype, device=b.device) if spec.block_map else new_output(
+                b.shape, b.dtype, b.device)
             dbiases.append(g)
             db_args += [g, *strides4(g)]
         else:
@@ -71,9 +73,12 @@ def attention_backward(
             finish.append((len(dbiases) - 1, b.dtype))
             db_args += [acc, *strides4(acc)]
     if B * Hq * M == 0 or N == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, [t.to(dt) if i in dict(finish) else t for i, (t, dt) in enumerate(zip(dbiases, [b.dtype for b in biases]))]
-    delta = torch.empty((B, Hq, M), dtype=torch.float32, device=q.device)
+        for t in (dq, dk, dv, *(g for g, mode in zip(dbiases, spec.bias_grad) if mode)):
+            t.zero_()
+        for i, dtype in finish:
+            dbiases[i] = dbiases[i].to(dtype)
+        return dq, dk, dv, dbiases
+    delta = new_output((B, Hq, M), torch.float32, q.device)
     seed_t = seed_tensor(seed, q.device) if spec.dropout else None
     common_tail = [Hq, Hq // Hkv, M, N, *scalar_args(spec, scale, softcap, dropout_p, mask_fill, N)]
     extras = extra_args(biases, masks, mask_args)

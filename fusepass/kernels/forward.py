@@ -13,7 +13,7 @@ from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
 from .heuristics import ConfigQuery, choose, set_config_provider  # noqa: F401  (re-exported hook)
-from .launch_common import extra_args, head_dims, scalar_args, seed_tensor
+from .launch_common import extra_args, head_dims, new_output, scalar_args, seed_tensor
 from .spec import KernelSpec
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ def attention_forward(
     interpret = q.device.type != "cuda"
     cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device), config)
     mod = kernel_module(spec, interpret)
-    out = torch.empty((B, Hq, M, Dv), dtype=v.dtype, device=q.device)
-    lse = torch.empty((B, Hq, M), dtype=torch.float32, device=q.device)
+    out = new_output((B, Hq, M, Dv), v.dtype, q.device)
+    lse = new_output((B, Hq, M), torch.float32, q.device)
     if M == 0 or B * Hq == 0:
         return out, lse
     if spec.block_map:

@@ -10,6 +10,24 @@ import torch
 from .spec import KernelSpec, padded_head_dim
 
 
+# Testing hook: fill every output buffer with NaN before the kernels run, so that an element a
+# kernel forgets to write shows up (tests/test_kernels.py turns it on).
+poison_outputs = False
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    if poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    if poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
 def strides4(t: torch.Tensor, target_dims: int = 4) -> list[int]:
     """Strides of ``t`` seen as [B, H, M, N] (missing leading dims and size-1 dims: stride 0)."""
     shape = (1,) * (target_dims - t.dim()) + tuple(t.shape)

@@ -1,0 +1,116 @@
+"""Shared pieces of the kernel tests: a float64 dense reference of the op and a case runner."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from conftest import assert_close_to_reference
+from fusepass.masks.predicate import dense_keep
+from fusepass.ops import dropout as dr
+
+
+def dense_attention(q, k, v, biases, masks, seed, scale, softcap, p, fill, expr, args, grad_safe=False):
+    """The op's formula on whole tensors, in the dtype of q (float64 for the reference).
+
+    ``grad_safe``: rows that see no key under a -inf fill give 0 instead of NaN, so that their
+    NaN does not spread through autograd into every dK/dV (the kernels give them no gradient)."""
+    G = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(G, 1)
+    v = v.repeat_interleave(G, 1)
+    s = scale * (q @ k.transpose(-1, -2))
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    for b in biases:
+        s = s + b.to(s.dtype)
+    B, H, M, N = s.shape
+    keep = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    for m in masks:
+        keep = keep & m
+    if expr:
+        keep = keep & dense_keep(expr, B, H, M, N, args, device=s.device)
+    s = torch.where(keep, s, torch.tensor(fill, dtype=s.dtype, device=s.device))
+    dead = None
+    if grad_safe and math.isinf(fill):
+        dead = ~keep.any(-1, keepdim=True)
+        s = torch.where(dead, 0.0, s)
+    lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, -1)
+    pm = torch.softmax(s.float() if s.dtype != torch.float64 else s, -1).to(s.dtype)
+    if dead is not None:
+        pm = torch.where(dead, 0.0, pm)
+    if p > 0:
+        rows = torch.arange(B * H * M, device=s.device).view(B, H, M, 1)
+        cols = torch.arange(N, device=s.device).view(1, 1, 1, N)
+        pm = pm * dr.keep_mask(int(seed), rows, cols, p) / (1 - p)
+    return pm @ v, lse
+
+
+@dataclasses.dataclass
+class Case:
+    B: int = 1
+    Hq: int = 2
+    Hkv: int = 2
+    M: int = 17
+    N: int = 17
+    D: int = 16
+    Dv: int | None = None
+    dtype: torch.dtype = torch.float32
+    bias_shapes: tuple = ()  # each broadcastable to [B, Hq, M, N]
+    bias_grad: bool = True
+    mask_shapes: tuple = ()
+    expr: str = ""
+    args: tuple = ()
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    fill: float = -math.inf
+    transposed: bool = False  # q/k/v as [B, N, H, D] memory transposed to [B, H, N, D]
+
+    def tensors(self, device):
+        Dv = self.Dv or self.D
+
+        def make(B, H, L, D):
+            if self.transposed:
+                return torch.randn(B, L, H, D, device=device, dtype=self.dtype).transpose(1, 2)
+            return torch.randn(B, H, L, D, device=device, dtype=self.dtype)
+
+        q, k, v = make(self.B, self.Hq, self.M, self.D), make(self.B, self.Hkv, self.N, self.D), make(self.B, self.Hkv, self.N, Dv)
+        biases = [torch.randn(s, device=device, dtype=self.dtype) for s in self.bias_shapes]
+        masks = [torch.rand(s, device=device) > 0.25 for s in self.mask_shapes]
+        seed = torch.tensor(1234 + self.M * 7 + self.N, dtype=torch.int64)
+        return q, k, v, biases, masks, seed
+
+
+def run_case(case: Case, device="cpu", backward=True, factor=4.0):
+    from fusepass.kernels.backward import attention_backward
+    from fusepass.kernels.forward import attention_forward
+
+    q, k, v, biases, masks, seed = case.tensors(device)
+    scale = case.D ** -0.5
+    feats = (seed, scale, case.softcap, case.dropout_p, case.fill, case.expr, list(case.args))
+    out, lse = attention_forward(q, k, v, biases, masks, *feats)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, *biases)]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, *biases)]
+    ref, ref_lse = dense_attention(*leaves64[:3], leaves64[3:], masks, *feats)
+    eager, _ = dense_attention(*leaves[:3], leaves[3:], masks, *feats)
+    assert_close_to_reference(out, eager, ref, factor=factor, name="out")
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4, equal_nan=True)
+    if not backward:
+        return
+    need = [case.bias_grad] * len(biases)
+    do = torch.randn_like(out)
+    dq, dk, dv, dbs = attention_backward(do, q, k, v, out, lse, biases, masks, *feats, need)
+    ref, _ = dense_attention(*leaves64[:3], leaves64[3:], masks, *feats, grad_safe=True)
+    eager, _ = dense_attention(*leaves[:3], leaves[3:], masks, *feats, grad_safe=True)
+    g64 = torch.autograd.grad(ref, leaves64, do.double())
+    g = torch.autograd.grad(eager, leaves, do)
+    names = ["dq", "dk", "dv"] + [f"dbias{i}" for i in range(len(biases))]
+    got = [dq, dk, dv] + list(dbs)
+    for name, a, e, r in zip(names, got, g, g64):
+        if name.startswith("dbias") and not case.bias_grad:
+            assert a.numel() == 0
+            continue
+        assert a.shape == r.shape, f"{name}: shape {tuple(a.shape)} != {tuple(r.shape)}"
+        assert_close_to_reference(a, e, r, factor=factor, name=name)

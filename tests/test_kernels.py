@@ -1,0 +1,187 @@
+"""The generated Triton kernels under Triton's interpreter (CPU), against a float64 reference.
+
+Every output buffer is poisoned with NaN before the kernels run (launch_common.poison_outputs),
+so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fusepass.kernels import blockmap, launch_common, render  # noqa: E402
+from fusepass.kernels.predicate_triton import to_triton  # noqa: E402
+from fusepass.kernels.support import fallback_reason  # noqa: E402
+
+from kernel_cases import Case, dense_attention, run_case  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FUSEPASS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fusepass-cache"))
+    monkeypatch.setattr(launch_common, "poison_outputs", True)
+    yield
+
+
+SHAPES = [  # (M, N, D)
+    (1, 17, 16),
+    (17, 1, 40),
+    (17, 64, 64),
+    (64, 129, 80),
+    (129, 17, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M,N,D", SHAPES)
+def test_shapes(M, N, D, dtype):
+    run_case(Case(M=M, N=N, D=D, dtype=dtype))
+
+
+CAUSAL = "j <= i + (N - M)"
+FEATURES = {
+    "causal": Case(M=64, N=64, expr=CAUSAL, dtype=torch.bfloat16),
+    "causal_cross_m_gt_n_finite_fill": Case(M=70, N=33, expr=CAUSAL, fill=torch.finfo(torch.float16).min, dtype=torch.float16),
+    "causal_cross_m_gt_n_inf_fill": Case(M=70, N=33, expr=CAUSAL, dtype=torch.float32),
+    "sliding_window": Case(M=100, N=100, expr="(j <= i) & (i - j < a0)", args=(20,), dtype=torch.bfloat16),
+    "floor_div_negative": Case(M=40, N=50, expr="((i - j) // 3) % 2 == 0", dtype=torch.float32),
+    "pred_reads_head": Case(Hq=4, Hkv=4, M=33, N=40, expr="(j <= i) | (h % 2 == 0)", dtype=torch.float32),
+    "softcap": Case(M=33, N=47, D=40, softcap=2.0, dtype=torch.bfloat16),
+    "bias_full_store": Case(B=2, M=33, N=40, bias_shapes=((2, 2, 33, 40),), dtype=torch.float32),
+    "bias_broadcasts": Case(B=2, M=33, N=40, bias_shapes=((1, 2, 33, 40), (2, 1, 1, 40), (33, 1), (2, 2, 1, 1))),
+    "bias_no_grad": Case(M=20, N=20, bias_shapes=((1, 1, 20, 20),), bias_grad=False, dtype=torch.float16),
+    "masks_broadcast": Case(B=2, M=33, N=40, mask_shapes=((2, 1, 33, 40), (40,)), dtype=torch.bfloat16),
+    "mask_finite_fill": Case(B=2, M=20, N=24, mask_shapes=((2, 1, 20, 24),), fill=-1e9),
+    "gqa": Case(B=2, Hq=6, Hkv=2, M=40, N=50, D=64, expr=CAUSAL, dtype=torch.bfloat16),
+    "dv_differs": Case(M=33, N=40, D=40, Dv=24, dtype=torch.float16),
+    "transposed_strides": Case(B=2, Hq=4, Hkv=2, M=33, N=40, transposed=True, dtype=torch.bfloat16),
+    "dropout": Case(M=40, N=50, dropout_p=0.25, dtype=torch.float32),
+    "everything": Case(B=2, Hq=4, Hkv=2, M=45, N=37, D=40, Dv=24, expr=CAUSAL, fill=torch.finfo(torch.bfloat16).min,
+                       bias_shapes=((1, 4, 45, 37),), mask_shapes=((2, 1, 1, 37),), softcap=5.0, dropout_p=0.1,
+                       dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_features(name):
+    run_case(FEATURES[name])
+
+
+def test_fp32_follows_tf32_setting(monkeypatch):
+    from fusepass.kernels.spec import KernelSpec
+
+    q = torch.randn(1, 1, 4, 16)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert KernelSpec.from_op(q, q, q, [], [], 0.0, 0.0, -math.inf, "", []).precision == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert KernelSpec.from_op(q, q, q, [], [], 0.0, 0.0, -math.inf, "", []).precision == "tf32"
+
+
+def _dropout_out(p, N=64, seed=99):
+    """q = 0 makes p uniform (1/N); V = identity makes out[i, j] = keep_ij / (N (1 - p))."""
+    from fusepass.kernels.forward import attention_forward
+
+    q = torch.zeros(1, 2, 48, 16)
+    k = torch.randn(1, 2, N, 16)
+    v = torch.eye(N).expand(1, 2, N, N).contiguous()
+    out, _ = attention_forward(q, k, v, [], [], torch.tensor(seed), 1.0, 0.0, p, -math.inf, "", [])
+    return out
+
+
+def test_dropout_mask_matches_reference_hash_bitwise():
+    from fusepass.ops import dropout as dr
+
+    p, N = 0.3, 64
+    out = _dropout_out(p, N)
+    rows = torch.arange(2 * 48).view(1, 2, 48, 1)
+    want = dr.keep_mask(99, rows, torch.arange(N).view(1, 1, 1, N), p)
+    assert torch.equal(out > 0, want)
+    torch.testing.assert_close(out[want], torch.full_like(out[want], 1 / (N * (1 - p))))
+
+
+def test_dropout_statistics():
+    p = 0.2
+    out = _dropout_out(p, 64, seed=7)
+    keep_rate = (out > 0).double().mean().item()
+    # 6144 Bernoulli draws: 5 standard deviations of the rate is about 0.026.
+    assert abs(keep_rate - (1 - p)) < 0.026
+    # Unbiased: each row sums to keep_count / (N (1 - p)), whose mean is 1.
+    assert abs(out.sum(-1).mean().item() - 1.0) < 0.03
+
+
+def test_causal_skips_about_half_the_tiles():
+    bm = blockmap.get(CAUSAL, [], 256, 256, 32, 32, "cpu")
+    n = 8
+    assert bm.by_row.visited() == n * (n + 1) // 2
+    assert int(bm.by_row.partial_cnt.sum()) == n  # only the diagonal pays for mask arithmetic
+    assert bm.by_col.visited() == bm.by_row.visited()
+    # Ragged sizes: boundary tiles are partial, fully hidden ones absent.
+    bm = blockmap.get(CAUSAL, [], 70, 100, 32, 32, "cpu")
+    keep = (torch.arange(100)[None, :] <= torch.arange(70)[:, None] + 30)
+    for r in range(3):
+        for c in range(4):
+            tile = keep[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]
+            want = 0 if not tile.any() else (2 if tile.all() and tile.shape[1] == 32 else 1)
+            assert bm.classes[r, c].item() == want, (r, c)
+
+
+def test_predicate_printer_keeps_python_semantics():
+    src = to_triton("(i // 3 == j % -4) & ~(abs(i - j) < max(a0, 2, M))", {
+        "i": "ii", "j": "jj", "M": "M", "a0": "a0", "N": "N", "b": "b", "h": "h"})
+    assert "_py_floordiv(ii, 3)" in src and "_py_mod(jj, (-4))" in src
+    assert "tl.maximum(tl.maximum(a0, 2), M)" in src and "tl.abs((ii - jj))" in src
+
+
+def test_render_cache_and_show(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEPASS_CACHE_DIR", str(tmp_path))
+    src = render.show("fwd", pred="j <= i", softcap=True, n_biases=1)
+    assert "def attn_fwd" in src and "(jj <= ii)" in src and "_tanh" in src
+    assert "def attn_bwd_dkdv" in render.show("bwd", head_dim=40, n_biases=1, bias_grad=("atomic_m",))
+    from fusepass.kernels.spec import KernelSpec
+
+    params = KernelSpec.from_features(pred="j <= i").render_params()
+    mod = render.load("attention_fwd.py.jinja", params, interpret=True)
+    assert render.load("attention_fwd.py.jinja", params, interpret=True) is mod
+    files = list((tmp_path / "kernels").glob("attention_fwd_*.py"))
+    assert len(files) == 1 and files[0].read_text() == render.render("attention_fwd.py.jinja", params)
+    import jinja2
+
+    with pytest.raises(jinja2.UndefinedError):
+        render.render("attention_fwd.py.jinja", {k: v for k, v in params.items() if k != "softcap"})
+
+
+def test_fallback_reasons():
+    assert fallback_reason("cuda", torch.bfloat16, 128, 128) is None
+    assert fallback_reason("cuda", torch.bfloat16, 80, 40) is None
+    assert "dtype" in fallback_reason("cuda", torch.float64, 64, 64)
+    assert "head dim" in fallback_reason("cuda", torch.float16, 512, 64)
+    assert "mask_fill" in fallback_reason("cuda", torch.float16, 64, 64, mask_fill=-10.0)
+    assert fallback_reason("cuda", torch.float16, 64, 64, mask_fill=-1e9) is None
+    assert "CPU" in fallback_reason("cpu", torch.float32, 64, 64, interpret=False)
+    assert fallback_reason("cpu", torch.float32, 64, 64, interpret=True) is None
+    assert "capability" in fallback_reason("cuda", torch.float16, 64, 64, capability=(7, 5))
+
+
+def test_op_runs_kernels_under_interpret(monkeypatch):
+    """torch.ops.fusepass.attention with FUSEPASS_INTERPRET=1 runs the kernels, autograd included."""
+    import fusepass.kernels.forward as kf
+    from fusepass.ops.attention import fused_attention
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    calls = []
+    real = kf.attention_forward
+    monkeypatch.setattr(kf, "attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 20, 20, requires_grad=True)
+    out = fused_attention(q, k, v, biases=[bias], mask_expr="j <= i")
+    out.sum().backward()
+    assert calls
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref, _ = dense_attention(*leaves[:3], [leaves[3]], [], None, 16 ** -0.5, 0.0, 0.0, -math.inf, "j <= i", [])
+    ref.sum().backward()
+    for t, r in zip((q, k, v, bias), leaves):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
