@@ -13,7 +13,7 @@ import itertools
 import logging
 from typing import Any, Sequence
 
-from .config import Arch, KernelConfig, why_pruned
+from .config import Arch, KernelConfig, shared_memory_bytes, why_pruned
 
 log = logging.getLogger(__name__)
 
@@ -87,36 +87,51 @@ def candidates(
     add masked work) unless that would leave no tile size at all.
     """
     space = space or space_for(arch, warp_specialize=warp_specialize)
-    kept: list[KernelConfig] = []
-    pruned: dict[str, int] = {}
-    m_cap = _tile_cap(m_bucket) if m_bucket else None
-    n_cap = _tile_cap(n_bucket) if n_bucket else None
-    for cfg in space.grid():
-        if m_cap is not None and cfg.BLOCK_M > m_cap:
-            pruned["BLOCK_M > bucket"] = pruned.get("BLOCK_M > bucket", 0) + 1
-            continue
-        if n_cap is not None and cfg.BLOCK_N > n_cap:
-            pruned["BLOCK_N > bucket"] = pruned.get("BLOCK_N > bucket", 0) + 1
-            continue
-        # Tiles far smaller than the bucket only pay for tiny sequences: keep them within 8x.
-        # NOTE: a 16-row tile on a 4k sequence launches 256 programs per head and never wins
-        # in FA2's measurements; this keeps the timed set near 20-40 configs.
-        if m_bucket and cfg.BLOCK_M * 8 < min(m_bucket, 128 * 8) and cfg.BLOCK_M < 64:
-            pruned["BLOCK_M << bucket"] = pruned.get("BLOCK_M << bucket", 0) + 1
-            continue
-        if n_bucket and cfg.BLOCK_N * 8 < min(n_bucket, 128 * 8) and cfg.BLOCK_N < 64:
-            pruned["BLOCK_N << bucket"] = pruned.get("BLOCK_N << bucket", 0) + 1
-            continue
-        reason = why_pruned(cfg, arch, head_dim, dtype, value_head_dim=value_head_dim, direction=direction)
-        if reason:
-            pruned[reason] = pruned.get(reason, 0) + 1
-            continue
-        kept.append(cfg)
+    grid = space.grid()
+    kept, pruned = _prune(grid, arch, head_dim, dtype, value_head_dim, direction, m_bucket, n_bucket)
+    if not kept:  # the tile-size rules left nothing (large head dims): keep what fits at all
+        kept, pruned = _prune(grid, arch, head_dim, dtype, value_head_dim, direction, None, None)
+    if not kept:  # nothing fits by estimate: the smallest config, so that timing decides
+        kept = [min(grid, key=lambda c: (shared_memory_bytes(c, head_dim, dtype, value_head_dim=value_head_dim,
+                                                             direction=direction), -c.num_warps))]
     log.debug(
         "search space %s %s d=%s dv=%s %s: %d kept, pruned %s",
         arch.name, dtype, head_dim, value_head_dim, direction, len(kept), pruned or "none",
     )
     return kept
+
+
+def _prune(grid, arch, head_dim, dtype, value_head_dim, direction, m_bucket, n_bucket):
+    kept: list[KernelConfig] = []
+    pruned: dict[str, int] = {}
+
+    def drop(reason: str) -> None:
+        pruned[reason] = pruned.get(reason, 0) + 1
+
+    m_cap = _tile_cap(m_bucket) if m_bucket else None
+    n_cap = _tile_cap(n_bucket) if n_bucket else None
+    for cfg in grid:
+        if m_cap is not None and cfg.BLOCK_M > m_cap:
+            drop("BLOCK_M > bucket")
+            continue
+        if n_cap is not None and cfg.BLOCK_N > n_cap:
+            drop("BLOCK_N > bucket")
+            continue
+        # Tiles far smaller than the bucket only pay for tiny sequences: keep them within 8x.
+        # NOTE: a 16-row tile on a 4k sequence launches 256 programs per head and never wins
+        # in FA2's measurements; this keeps the timed set near 10-40 configs.
+        if m_bucket and cfg.BLOCK_M < 64 and cfg.BLOCK_M * 8 < min(m_bucket, 1024):
+            drop("BLOCK_M << bucket")
+            continue
+        if n_bucket and cfg.BLOCK_N < 64 and cfg.BLOCK_N * 8 < min(n_bucket, 1024):
+            drop("BLOCK_N << bucket")
+            continue
+        reason = why_pruned(cfg, arch, head_dim, dtype, value_head_dim=value_head_dim, direction=direction)
+        if reason:
+            drop(reason)
+            continue
+        kept.append(cfg)
+    return kept, pruned
 
 
 def with_default(configs: Sequence[KernelConfig], default: KernelConfig | None) -> list[KernelConfig]:

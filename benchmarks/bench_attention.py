@@ -1,0 +1,180 @@
+"""fusepass kernels beside SDPA flash, SDPA cuDNN, FlexAttention and torch.compile'd plain attention.
+
+bf16, B*N = 16k tokens, hidden 2048 (H = 2048 / D).  TFLOP/s = 4*B*H*N*N*D for the forward
+(halved for causal), x3.5 for forward+backward; triton.testing.do_bench median.  Each
+provider's output is checked against SDPA flash in the same run.  Appends to a CSV and prints
+a markdown table.
+
+    PYTHONPATH=$PWD python benchmarks/bench_attention.py [--csv out.csv] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fusepass.kernels.backward import attention_backward
+from fusepass.kernels.forward import attention_forward
+
+
+def fusepass_fn(q, k, v, causal):
+    expr = "j <= i + (N - M)" if causal else ""
+    scale = q.shape[-1] ** -0.5
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o, lse = attention_forward(q, k, v, [], [], None, scale, 0.0, 0.0, -math.inf, expr, [])
+            ctx.save_for_backward(q, k, v, o, lse)
+            return o
+
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v, o, lse = ctx.saved_tensors
+            dq, dk, dv, _ = attention_backward(do.contiguous(), q, k, v, o, lse, [], [], None, scale, 0.0, 0.0,
+                                               -math.inf, expr, [], [])
+            return dq, dk, dv
+
+    return lambda: Fn.apply(q, k, v)
+
+
+def sdpa_fn(backend):
+    def make(q, k, v, causal):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+    return make
+
+
+_flex = None
+
+
+def flex_fn(q, k, v, causal):
+    global _flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _flex is None:
+        _flex = torch.compile(flex_attention)
+    bm = None
+    if causal:
+        N = q.shape[2]
+        bm = create_block_mask(lambda b, h, i, j: j <= i, None, None, N, N, device=q.device)
+    return lambda: _flex(q, k, v, block_mask=bm)
+
+
+def plain(q, k, v, causal):
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        N = q.shape[2]
+        m = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~m, float("-inf"))
+    return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+_plain_c = None
+
+
+def compiled_plain_fn(q, k, v, causal):
+    global _plain_c
+    if _plain_c is None:
+        _plain_c = torch.compile(plain)
+    return lambda: _plain_c(q, k, v, causal)
+
+
+PROVIDERS = {
+    "fusepass": fusepass_fn,
+    "sdpa_flash": sdpa_fn(SDPBackend.FLASH_ATTENTION),
+    "sdpa_cudnn": sdpa_fn(SDPBackend.CUDNN_ATTENTION),
+    "flex": flex_fn,
+    "compiled_plain": compiled_plain_fn,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--csv", default="benchmarks/results.csv")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--seqs", default="1024,4096,16384")
+    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    args = ap.parse_args()
+    providers = args.providers.split(",")
+    dev = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(dev)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    rows = []
+    for D in map(int, args.dims.split(",")):
+        H = 2048 // D
+        for N in map(int, args.seqs.split(",")):
+            B = max(1, 16384 // N)
+            for causal in (False, True):
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+                do = torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+                flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+                for mode in args.modes.split(","):
+                    for name in providers:
+                        if name == "compiled_plain" and N > 4096:
+                            continue  # materializes B*H*N*N scores
+                        try:
+                            fn = PROVIDERS[name](q, k, v, causal)
+                            out = fn()
+                            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                            if mode == "fwd":
+                                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                                f = flops
+                            else:
+                                grads = torch.autograd.grad(out, (q, k, v), do)
+                                err = max([err] + [((g.float() - r.float()).norm() / r.float().norm()).item()
+                                                   for g, r in zip(grads, ref_grads)])
+
+                                def step():
+                                    o = fn()
+                                    torch.autograd.grad(o, (q, k, v), do)
+                                ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+                                f = 3.5 * flops
+                            tf = f / ms / 1e9
+                        except Exception as e:  # a provider that cannot run this case
+                            print(f"# {name} D={D} N={N} causal={causal} {mode}: {type(e).__name__}: {str(e)[:200]}",
+                                  file=sys.stderr)
+                            ms, tf, err = float("nan"), float("nan"), float("nan")
+                        rows.append(dict(date=stamp, gpu=gpu, torch=torch.__version__, triton=triton.__version__,
+                                         D=D, N=N, B=B, H=H, causal=causal, mode=mode, provider=name,
+                                         ms=round(ms, 4), tflops=round(tf, 1), rel_err=f"{err:.1e}"))
+                        print(rows[-1], flush=True)
+                del q, k, v, do, ref, ref_grads
+                torch.cuda.empty_cache()
+    new = not os.path.exists(args.csv)
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    with open(args.csv, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    # Markdown: one line per case, TFLOP/s per provider.
+    print(f"\n{gpu}, torch {torch.__version__}, triton {triton.__version__}, {stamp} UTC; TFLOP/s (median)\n")
+    print("| D | N | causal | mode | " + " | ".join(providers) + " |")
+    print("|---" * (4 + len(providers)) + "|")
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["D"], r["N"], r["causal"], r["mode"]), {})[r["provider"]] = r
+    for (D, N, c, m), byp in cases.items():
+        cells = [f"{byp[p]['tflops']:.0f}" if p in byp and not math.isnan(byp[p]["tflops"]) else "-" for p in providers]
+        print(f"| {D} | {N // 1024}k | {'yes' if c else 'no'} | {m} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Time fusepass forward/backward over a few KernelConfigs (to choose heuristics defaults).
+
+    PYTHONPATH=$PWD python benchmarks/sweep_configs.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from fusepass.autotune.config import KernelConfig
+from fusepass.kernels.backward import attention_backward
+from fusepass.kernels.forward import attention_forward
+
+FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2)]
+BWD = [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3), (64, 128, 8, 1)]
+
+
+def main():
+    dev = "cuda"
+    N = 4096
+    for D in (64, 128):
+        H, B = 2048 // D, 16384 // N
+        q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        for causal in (False, True):
+            expr = "j <= i + (N - M)" if causal else ""
+            flops = 4 * B * H * N * N * D * (0.5 if causal else 1)
+            o, lse = attention_forward(q, k, v, [], [], None, D ** -0.5, 0.0, 0.0, -math.inf, expr, [])
+            for c in FWD:
+                cfg = KernelConfig(*c)
+                try:
+                    ms = triton.testing.do_bench(lambda: attention_forward(
+                        q, k, v, [], [], None, D ** -0.5, 0.0, 0.0, -math.inf, expr, [], config=cfg), return_mode="median")
+                    print(f"fwd D={D} causal={causal} {c}: {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+                except Exception as e:
+                    print(f"fwd D={D} causal={causal} {c}: {type(e).__name__} {str(e)[:100]}", flush=True)
+            for c in BWD:
+                cfg = KernelConfig(*c)
+                try:
+                    ms = triton.testing.do_bench(lambda: attention_backward(
+                        do, q, k, v, o, lse, [], [], None, D ** -0.5, 0.0, 0.0, -math.inf, expr, [], [], config=cfg),
+                        return_mode="median")
+                    print(f"bwd D={D} causal={causal} {c}: {2.5 * flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+                except Exception as e:
+                    print(f"bwd D={D} causal={causal} {c}: {type(e).__name__} {str(e)[:100]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
