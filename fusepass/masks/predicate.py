@@ -98,7 +98,7 @@ def _evaluate(node: ast.expr, env: Mapping[str, Any], lib: Mapping[str, Callable
         result, left = None, _evaluate(node.left, env, lib)
         for op, comp in zip(node.ops, node.comparators):
             right = _evaluate(comp, env, lib)
-            term = _CMPOPS[type(op)](left, right)
+            term = lib.get("cmp", _CMPOPS)[type(op)](left, right)
             result = term if result is None else lib["binop"](ast.BitAnd, result, term)
             left = right
         return result
@@ -170,6 +170,8 @@ def _sympy_binop(op: type, a: Any, b: Any) -> Any:
 
 
 _SYMPY_LIB = {
+    # == and != must build relations: Python's == on sympy objects is structural equality.
+    "cmp": {**_CMPOPS, ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne},
     "binop": _sympy_binop,
     "not": sympy.Not,
     "abs": sympy.Abs,
@@ -183,3 +185,59 @@ def to_sympy(expr: str) -> sympy.Basic:
     env = dict(SYMBOLS)
     env.update({f"a{k}": sympy.Symbol(f"a{k}", integer=True) for k in range(arg_count(expr))})
     return _evaluate(parse_ast(expr), env, _SYMPY_LIB)
+
+
+def from_sympy(e: Any) -> str:
+    """A sympy boolean as predicate text; raises PredicateError for what the grammar cannot say."""
+    t = _text(e)
+    return ast.unparse(ast.parse(t, mode="eval"))
+
+
+def _text(e: Any) -> str:
+    if e is sympy.true or e is True:
+        return "True"
+    if e is sympy.false or e is False:
+        return "False"
+    if isinstance(e, sympy.Symbol):
+        return e.name
+    if isinstance(e, sympy.Integer):
+        return f"({int(e)})"
+    if isinstance(e, sympy.And):
+        return "(" + " & ".join(_text(a) for a in e.args) + ")"
+    if isinstance(e, sympy.Or):
+        return "(" + " | ".join(_text(a) for a in e.args) + ")"
+    if isinstance(e, sympy.Not):
+        return f"(~{_text(e.args[0])})"
+    if isinstance(e, sympy.Rel):
+        ops = {sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">", sympy.Ge: ">=", sympy.Eq: "==", sympy.Ne: "!="}
+        op = ops.get(type(e))
+        if op is None:
+            raise PredicateError(f"relation {type(e).__name__}")
+        return f"({_text(e.lhs)} {op} {_text(e.rhs)})"
+    if isinstance(e, sympy.Add):
+        terms = e.as_ordered_terms()
+        out = _text(terms[0])
+        for t in terms[1:]:
+            c, rest = t.as_coeff_Mul()
+            out += f" - {_text(-t)}" if c.is_negative else f" + {_text(t)}"
+        return f"({out})"
+    if isinstance(e, sympy.Mul):
+        num, den = e.as_numer_denom()
+        if den != 1:
+            raise PredicateError("a fraction")
+        c, rest = e.as_coeff_Mul()
+        if c == -1:
+            return f"(-{_text(rest)})"
+        return "(" + " * ".join(_text(a) for a in e.args) + ")"
+    if isinstance(e, sympy.floor):
+        num, den = e.args[0].as_numer_denom()
+        return f"({_text(sympy.expand(num))} // {_text(den)})"
+    if isinstance(e, sympy.Mod):
+        return f"({_text(e.args[0])} % {_text(e.args[1])})"
+    if isinstance(e, sympy.Abs):
+        return f"abs({_text(e.args[0])})"
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        return f"{type(e).__name__.lower()}(" + ", ".join(_text(a) for a in e.args) + ")"
+    if isinstance(e, sympy.Pow) and e.exp == -1:
+        raise PredicateError("a fraction")
+    raise PredicateError(f"{type(e).__name__} in the predicate")

@@ -152,62 +152,6 @@ def _placeholder_inputs(graph: fx.Graph, example_inputs) -> dict[fx.Node, tuple[
     return {n: (k, x) for k, (n, x) in enumerate(zip(phs, example_inputs))}
 
 
-def _to_text(e: Any) -> str:
-    """A sympy value as predicate text (raises Unreadable for what the grammar cannot say)."""
-    t = _text(e)
-    return ast.unparse(ast.parse(t, mode="eval"))
-
-
-def _text(e: Any) -> str:
-    if e is sympy.true or e is True:
-        return "True"
-    if e is sympy.false or e is False:
-        return "False"
-    if isinstance(e, sympy.Symbol):
-        return e.name
-    if isinstance(e, sympy.Integer):
-        return f"({int(e)})"
-    if isinstance(e, sympy.And):
-        return "(" + " & ".join(_text(a) for a in e.args) + ")"
-    if isinstance(e, sympy.Or):
-        return "(" + " | ".join(_text(a) for a in e.args) + ")"
-    if isinstance(e, sympy.Not):
-        return f"(~{_text(e.args[0])})"
-    if isinstance(e, sympy.Rel):
-        ops = {sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">", sympy.Ge: ">=", sympy.Eq: "==", sympy.Ne: "!="}
-        op = ops.get(type(e))
-        if op is None:
-            raise Unreadable(f"relation {type(e).__name__}")
-        return f"({_text(e.lhs)} {op} {_text(e.rhs)})"
-    if isinstance(e, sympy.Add):
-        terms = e.as_ordered_terms()
-        out = _text(terms[0])
-        for t in terms[1:]:
-            c, rest = t.as_coeff_Mul()
-            out += f" - {_text(-t)}" if c.is_negative else f" + {_text(t)}"
-        return f"({out})"
-    if isinstance(e, sympy.Mul):
-        num, den = e.as_numer_denom()
-        if den != 1:
-            raise Unreadable("a fraction")
-        c, rest = e.as_coeff_Mul()
-        if c == -1:
-            return f"(-{_text(rest)})"
-        return "(" + " * ".join(_text(a) for a in e.args) + ")"
-    if isinstance(e, sympy.floor):
-        num, den = e.args[0].as_numer_denom()
-        return f"({_text(sympy.expand(num))} // {_text(den)})"
-    if isinstance(e, sympy.Mod):
-        return f"({_text(e.args[0])} % {_text(e.args[1])})"
-    if isinstance(e, sympy.Abs):
-        return f"abs({_text(e.args[0])})"
-    if isinstance(e, (sympy.Min, sympy.Max)):
-        return f"{type(e).__name__.lower()}(" + ", ".join(_text(a) for a in e.args) + ")"
-    if isinstance(e, sympy.Pow) and e.exp == -1:
-        raise Unreadable("a fraction")
-    raise Unreadable(f"{type(e).__name__} in the predicate")
-
-
 def _score_axes(R: int) -> dict[sympy.Symbol, sympy.Symbol]:
     S = predicate.SYMBOLS
     names = {4: "bhij", 3: "?ij", 2: "ij"}.get(R)
@@ -324,7 +268,10 @@ def _read(interp, node, role, score, inputs, owner) -> MaskReading:
     stray = {s for s in position.free_symbols if s.name.startswith("_")}
     if stray:
         raise Unreadable(f"symbols {sorted(map(str, stray))} are not sizes of graph nodes")
-    text = "" if position is sympy.true else _to_text(position)
+    try:
+        text = "" if position is sympy.true else predicate.from_sympy(position)
+    except predicate.PredicateError as e:
+        raise Unreadable(str(e)) from None
     if text:
         predicate.parse_ast(text)
 
