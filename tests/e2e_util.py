@@ -53,6 +53,10 @@ def projection_loss(out: torch.Tensor, generator_seed: int = 1234) -> torch.Tens
     ~0); a fixed random projection is not.  The weights are drawn in float64 so that the fp32
     and fp64 runs use the same numbers.
     """
+    return (out * projection_weights(out.shape, generator_seed).to(out.dtype)).sum()
+
+
+def projection_weights(shape, generator_seed: int = 1234) -> torch.Tensor:
+    """The float64 weights ``projection_loss`` multiplies by."""
     g = torch.Generator().manual_seed(generator_seed)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    return (out * w).sum()
+    return torch.randn(shape, generator=g, dtype=torch.float64)
