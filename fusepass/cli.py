@@ -131,6 +131,11 @@ def _table(rows: list[list[Any]], headers: Sequence[str]) -> str:
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
+def _clip(text: str, width: int = 32) -> str:
+    """Long feature signatures are cut in tables ('cache show' prints them whole)."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -165,7 +170,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     table = [
         [
-            k.short_id(), k.gpu, k.direction, k.dtype, _shape_text(k, e), k.features or "-", e.config.short(),
+            k.short_id(), k.gpu, k.direction, k.dtype, _shape_text(k, e), _clip(k.features or "-"), e.config.short(),
             _fmt(e.time_ms, ".3f"), _fmt(e.tflops, ".1f"),
             "-" if e.speedup_over_default is None else f"{e.speedup_over_default:.2f}x",
             _fmt(e.tuning_seconds, ".1f"), _date_text(e.tuned_at), s or "ok",

@@ -76,3 +76,49 @@ def test_kernel_hook_gives_none_on_cpu():
     spec_mod = pytest.importorskip("fusepass.kernels.spec")
     query = heur.ConfigQuery("fwd", spec_mod.KernelSpec(), torch.float16, 1, 2, 2, 64, 64, torch.device("cpu"))
     assert provider.kernel_config_provider(query) is None
+
+
+def test_kernel_hook_end_to_end_through_the_interpreter(monkeypatch, tmp_path):
+    """The launchers' hook on CPU tensors with Triton's interpreter standing in for the GPU:
+    key from the query, pruned candidates plus the default, each timed by really launching the
+    kernel, the winner cached and served again without timing."""
+    heur = pytest.importorskip("fusepass.kernels.heuristics")
+    spec_mod = pytest.importorskip("fusepass.kernels.spec")
+    from contextlib import nullcontext
+
+    from fusepass.autotune.cache import TuneCache
+    from fusepass.autotune.tuner import Tuner, set_default_tuner
+
+    monkeypatch.setattr(provider, "TIMED_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(provider, "device_info", lambda index: ("Fake GPU", (9, 0), None))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    launched = []
+
+    def timer(runner):  # runs the real launch once; "time" favours BLOCK_M 16 with 4 warps, 2 stages
+        out = runner()
+        cfg = runner.keywords["config"]  # the launcher gets the config as a keyword
+        launched.append((cfg, out))
+        return 1.0 + abs(cfg.BLOCK_M - 16) + abs(cfg.num_warps - 4) + abs(cfg.num_stages - 2)
+
+    tuner = Tuner(TuneCache(tmp_path), timer)
+    set_default_tuner(tuner)
+    provider.configure(Options(autotune=True))
+    try:
+        for direction in ("fwd", "bwd"):
+            spec = spec_mod.KernelSpec(head_dim=16, v_head_dim=16, expr="j <= i")
+            query = heur.ConfigQuery(direction, spec, torch.float32, 1, 2, 1, 16, 16, torch.device("cpu"))
+            cfg = provider.kernel_config_provider(query)
+            assert cfg is not None and cfg.BLOCK_M == 16 and cfg.num_warps == 4 and cfg.num_stages == 2
+            assert launched and all(isinstance(out, tuple) for _, out in launched)
+            n = len(launched)
+            assert provider.kernel_config_provider(query) == cfg and len(launched) == n
+        entries = TuneCache(tmp_path).entries()
+        assert {k.direction for k in entries} == {"fwd", "bwd"}
+        for key, entry in entries.items():
+            assert key.gpu == "Fake GPU" and key.features == "expr=j <= i" and key.m_bucket == 16
+            assert entry.default_config is not None and entry.candidates >= 2
+    finally:
+        set_default_tuner(None)
+        provider._fast.clear()

@@ -36,6 +36,9 @@ from .tuner import BenchFn, Runner, Tuner, default_tuner
 log = logging.getLogger(__name__)
 
 _options: Options | None = None
+# Device types whose launches are timed; others get the default config (tests add "cpu" to
+# drive the whole path through Triton's interpreter).
+TIMED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 _fast: dict[tuple, KernelConfig] = {}
 _fast_lock = threading.Lock()
 
@@ -185,7 +188,7 @@ def select_config(
     fraction of (i, j) pairs (for the TFLOP/s recorded), ``warp_specialize`` whether the
     template can use warp specialization (adds that knob to the sm90 space).
     """
-    if not autotune_enabled(options) or q.device.type != "cuda":
+    if not autotune_enabled(options) or q.device.type not in TIMED_DEVICE_TYPES:
         return default
     # Everything the key depends on, cheaply: B and the head counts only enter through G.
     fast = (direction, q.device.index, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // max(1, k.shape[1]),
@@ -269,8 +272,11 @@ def _synthetic_args(query: Any, q: Tensor) -> tuple | None:
     if spec.n_args:
         return None
     M, N = query.q_len, query.kv_len
+    modes = tuple(spec.bias_grad) or ("",) * spec.n_biases
+    # A bias whose gradient the kernel stores elementwise has the full shape; others broadcast.
+    shapes = [(query.batch, query.q_heads, M, N) if mode == "store" else (1, 1, M, N) for mode in modes]
     with torch.no_grad():
-        biases = [torch.randn(1, 1, M, N, dtype=q.dtype, device=q.device) for _ in range(spec.n_biases)]
+        biases = [torch.randn(*shape, dtype=q.dtype, device=q.device) for shape in shapes]
         masks = [torch.ones(1, 1, M, N, dtype=torch.bool, device=q.device) for _ in range(spec.n_masks)]
     seed = torch.tensor(1234, dtype=torch.int64, device=q.device) if spec.dropout else None
     fill = torch.finfo(q.dtype).min if spec.finite_fill else float("-inf")
@@ -332,7 +338,7 @@ def kernel_config_provider(query: Any) -> KernelConfig | None:
     """``fusepass.kernels.heuristics.ConfigProvider``: the tuned config for one launch, or None
     (the launcher then uses ``heuristics.default_config``) when autotuning is off, the device is
     not CUDA, a CUDA graph is being captured, or the call cannot be timed."""
-    if not autotune_enabled() or query.device.type != "cuda":
+    if not autotune_enabled() or query.device.type not in TIMED_DEVICE_TYPES:
         return None
     from ..kernels import heuristics
 
