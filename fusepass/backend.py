@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from .autotune import provider
 from .graph import matcher, rewrite
 from .graph.contractions import Refusal
 from .options import Options, resolve_options
@@ -106,6 +107,10 @@ def fusepass_backend(
 ) -> Callable:
     """``torch.compile(model, backend="fusepass", options={...})``."""
     opts = resolve_options(options)
+    # Kernel launches get their configs from the autotuner; the op carries no options, so the
+    # autotune switch of the latest compile applies process-wide (see docs/autotune.md).
+    provider.install()
+    provider.configure(opts)
     records = fuse_attention(gm, opts)
     for recorder in _recorders:
         recorder.extend(records)
