@@ -35,15 +35,23 @@ def test_cuda_graph_and_no_recompile_per_length():
     from fusepass.kernels.spec import KernelSpec
 
     dev = "cuda"
-    outs = []
-    for N in (1000, 1500, 2048):
-        q, k, v = (torch.randn(1, 4, N, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
-        outs.append(attention_forward(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, "", []))
+    q, k, v = (torch.randn(1, 4, 64, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
     spec = KernelSpec.from_op(q, k, v, [], [], 0.0, 0.0, -math.inf, "", [])
     kernel = kernel_module(spec, False).attn_fwd
-    compiled = sum(len(c) for c in kernel.device_caches[0][0].values()) if hasattr(kernel, "device_caches") else None
-    if compiled is not None:
-        assert compiled == 1, f"{compiled} compilations for 3 sequence lengths"
+
+    def compiled():
+        try:  # Triton internals: the per-device cache of compiled variants
+            return len(kernel.device_caches[torch.cuda.current_device()][0])
+        except Exception:
+            return None
+
+    before = None
+    for N in (1000, 1500, 2048):
+        q, k, v = (torch.randn(1, 4, N, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        attention_forward(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, "", [])
+        before = compiled() if before is None else before
+    if before is not None:
+        assert compiled() == before, "a new sequence length compiled a new kernel"
     # Capture and replay under a CUDA graph (block map cached by a warm-up call first).
     q, k, v = (torch.randn(2, 4, 512, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
     attention_forward(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, CAUSAL, [])

@@ -29,8 +29,16 @@ log = logging.getLogger(__name__)
 _PRE_BLOCK_M = 64
 
 
+_modules: dict = {}
+
+
 def kernel_module(spec: KernelSpec, interpret: bool):
-    return render.load("attention_bwd.py.jinja", spec.render_params(), interpret=interpret)
+    # Per-spec memo in front of render.load: printing the predicate and hashing the render
+    # parameters on every launch would cost host time on the hot path.
+    mod = _modules.get((spec, interpret))
+    if mod is None:
+        mod = _modules[(spec, interpret)] = render.load("attention_bwd.py.jinja", spec.render_params(), interpret=interpret)
+    return mod
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -19,8 +19,16 @@ from .spec import KernelSpec
 log = logging.getLogger(__name__)
 
 
+_modules: dict = {}
+
+
 def kernel_module(spec: KernelSpec, interpret: bool):
-    return render.load("attention_fwd.py.jinja", spec.render_params(), interpret=interpret)
+    # Per-spec memo in front of render.load: printing the predicate and hashing the render
+    # parameters on every launch would cost host time on the hot path.
+    mod = _modules.get((spec, interpret))
+    if mod is None:
+        mod = _modules[(spec, interpret)] = render.load("attention_fwd.py.jinja", spec.render_params(), interpret=interpret)
+    return mod
 
 
 def grid(M: int, B: int, Hq: int, cfg: KernelConfig) -> tuple[int, int]:

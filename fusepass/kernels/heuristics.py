@@ -44,27 +44,38 @@ def arch_of(device: torch.device) -> Optional[tuple[int, int]]:
     return torch.cuda.get_device_capability(device)
 
 
-def default_config(arch: Optional[tuple[int, int]], dtype: torch.dtype, head_dim: int, direction: str) -> KernelConfig:
-    """A config that compiles and runs well enough everywhere; ``arch`` None = interpreter.
+def default_config(arch: Optional[tuple[int, int]], dtype: torch.dtype, head_dim: int, direction: str,
+                   *, skipping: bool = False) -> KernelConfig:
+    """A config that compiles and runs well everywhere; ``arch`` None = interpreter.
 
     Forward: BLOCK_M query rows per program, BLOCK_N keys per step.  Backward: the dK/dV
     program owns BLOCK_N keys and steps over BLOCK_M queries; the dQ program owns BLOCK_N
-    queries and steps over BLOCK_M keys.
+    queries and steps over BLOCK_M keys.  ``skipping``: a block map skips tiles (causal-like).
     """
     if arch is None:
-        # Interpreter: numpy cost is per tile op, so fewer, larger tiles run faster.
+        # Interpreter: numpy cost is per tile op; small tiles keep the odd-size tests cheap.
         return KernelConfig(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32
+    if dtype == torch.float32:
+        if direction == "fwd":
+            return KernelConfig(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return KernelConfig(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
+    # NOTE: H200 bf16, B*N = 16k, N = 4k, TFLOP/s (benchmarks/sweep_configs.py, 2026-11-21):
+    # fwd D=64: 128x64 w8 s3 426 (causal 354), 64x64 w4 s3 403 (causal 373), 128x128 w8 s3 349;
+    # fwd D=128: 128x64 w8 s3 473 (causal 357), 128x128 w8 s3 470 (causal 388), 128x64 w4 s3 271;
+    # bwd D=64: 64x128 w8 s1 279 (causal 261), 32x128 w4 s3 277, 64x64 w4 s3 253 (causal 262);
+    # bwd D=128: 64x128 w8 s1 304 (causal 281), 64x128 w8 s2 300 (causal 294), 32x128 w4 s3 170.
     if direction == "fwd":
         if head_dim <= 64:
-            return KernelConfig(BLOCK_M=128, BLOCK_N=64 if wide else 128, num_warps=4 if wide else 8, num_stages=3)
+            if skipping:
+                return KernelConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+            return KernelConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
         if head_dim <= 128:
-            return KernelConfig(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
+            return KernelConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
         return KernelConfig(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if head_dim <= 64:
-        return KernelConfig(BLOCK_M=32, BLOCK_N=128 if not wide else 64, num_warps=4, num_stages=3)
+        return KernelConfig(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1)
     if head_dim <= 128:
-        return KernelConfig(BLOCK_M=32, BLOCK_N=64 if wide else 128, num_warps=8, num_stages=2)
+        return KernelConfig(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
     return KernelConfig(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)
 
 
@@ -75,4 +86,5 @@ def choose(query: ConfigQuery, explicit: Optional[KernelConfig]) -> KernelConfig
         cfg = _provider(query)
         if cfg is not None:
             return cfg
-    return default_config(arch_of(query.device), query.dtype, max(query.spec.head_dim, query.spec.v_head_dim), query.direction)
+    return default_config(arch_of(query.device), query.dtype, max(query.spec.head_dim, query.spec.v_head_dim),
+                          query.direction, skipping=query.spec.block_map)

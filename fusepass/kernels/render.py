@@ -13,6 +13,7 @@ the mode wanted and cached per mode.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.resources
 import importlib.util
@@ -51,7 +52,9 @@ def _read_template(name: str) -> str:
     return _template_dir().joinpath(name).read_text()
 
 
+@functools.lru_cache(maxsize=1)
 def _all_templates_text() -> str:
+    # Read once per process: hashing the files on every launch cost ~100 us of host time.
     d = _template_dir()
     names = sorted(p.name for p in d.iterdir() if p.name.endswith(".jinja"))
     return "".join(n + "\0" + d.joinpath(n).read_text() for n in names)
