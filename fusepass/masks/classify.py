@@ -171,13 +171,16 @@ def classify(expr: str) -> MaskClass:
     """Kind and short name of a predicate (text in the ``predicate`` grammar; "" = full)."""
     if not expr:
         return MaskClass("full", "full", "")
-    e = sympy.sympify(predicate.to_sympy(expr))
+    orig = e = sympy.sympify(predicate.to_sympy(expr))
     try:
-        e = sympy.simplify_logic(e) if len(e.atoms(sympy.Rel)) <= 6 else e
-    except Exception as err:  # sympy may refuse exotic forms; the unsimplified text is still right
-        log.debug("classify: simplify_logic failed on %s: %s", expr, err)
+        if len(e.atoms(sympy.Rel)) <= 6:
+            e = sympy.simplify_logic(e)
+        text = "" if e is sympy.true else predicate.from_sympy(e)
+        predicate.parse_ast(text or "True")
+    except Exception as err:  # sympy may rewrite into forms the grammar lacks: keep the input
+        log.debug("classify: simplifying %s gave no predicate text (%s)", expr, err)
+        e, text = orig, expr
     kind, name = _describe(e)
-    text = "" if e is sympy.true else _safe_text(e)
     return MaskClass(kind, name, text)
 
 
