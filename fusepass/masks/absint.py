@@ -366,7 +366,7 @@ class Interpreter:
     def _op_zeros(self, node, shape, R, args, kwargs):
         return self._const(node, 0)
 
-    _op_zeros_like = _op_new_zeros = _op_empty_like_never = _op_zeros
+    _op_zeros_like = _op_new_zeros = _op_zeros
 
     def _op_full(self, node, shape, R, args, kwargs):
         return self._const(node, args[1] if len(args) > 1 else kwargs["fill_value"])
