@@ -110,6 +110,10 @@ def _setup_context(ctx, inputs, output):
     if seed is not None:
         saved.append(seed)
     ctx.save_for_backward(*saved)
+    # lse is an auxiliary output: without this, autograd materializes a zero grad for it
+    # whenever out alone is differentiated, and _backward would refuse every backward.
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -124,12 +128,19 @@ def _backward(ctx, grad_out, grad_lse):
         # NOTE: the lse output exists for backward and for ring attention; nothing in a user's
         # graph differentiates through it, and we say so rather than return a wrong gradient.
         raise RuntimeError("fusepass.attention: gradients through the lse output are not supported")
-    dq, dk, dv, dbiases = attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-        mask_fill, mask_expr, mask_args, ctx.bias_needs_grad,
-    )
-    bias_grads = [g if need else None for g, need in zip(dbiases, ctx.bias_needs_grad)]
-    return dq, dk, dv, bias_grads, [None] * ctx.n_masks, None, None, None, None, None, None, None
+    if grad_out is None:  # grads are not materialized (see _setup_context): all zero
+        dq = dk = dv = None
+        bias_grads = [None] * ctx.n_biases
+    else:
+        dq, dk, dv, dbiases = attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+            mask_fill, mask_expr, mask_args, ctx.bias_needs_grad,
+        )
+        bias_grads = [g if need else None for g, need in zip(dbiases, ctx.bias_needs_grad)]
+    # The returned structure must match custom_op's flattening of the inputs: a non-empty int
+    # list is one leaf (grad None) but an empty list is an empty list.
+    return (dq, dk, dv, bias_grads, [None] * ctx.n_masks, None, None, None, None, None, None,
+            None if mask_args else [])
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
