@@ -15,20 +15,25 @@ from fusepass.kernels.backward import attention_backward
 from fusepass.kernels.forward import attention_forward
 
 FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2)]
-BWD = [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3), (64, 128, 8, 1)]
+BWD = [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3), (64, 128, 8, 1),
+       (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 1), (32, 128, 8, 1)]
 
 
 def main():
+    import os
+
     dev = "cuda"
-    N = 4096
-    for D in (64, 128):
+    N = int(os.environ.get("SWEEP_N", 4096))
+    dims = [int(d) for d in os.environ.get("SWEEP_D", "64,128").split(",")]
+    skip_fwd = os.environ.get("SWEEP_BWD_ONLY") == "1"
+    for D in dims:
         H, B = 2048 // D, 16384 // N
         q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
         for causal in (False, True):
             expr = "j <= i + (N - M)" if causal else ""
             flops = 4 * B * H * N * N * D * (0.5 if causal else 1)
             o, lse = attention_forward(q, k, v, [], [], None, D ** -0.5, 0.0, 0.0, -math.inf, expr, [])
-            for c in FWD:
+            for c in ([] if skip_fwd else FWD):
                 cfg = KernelConfig(*c)
                 try:
                     ms = triton.testing.do_bench(lambda: attention_forward(

@@ -21,7 +21,7 @@ from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
 from .heuristics import ConfigQuery, choose
-from .launch_common import extra_args, head_dims, new_like, new_output, scalar_args, seed_tensor, strides4
+from .launch_common import extra_args, head_dims, launch_fitting, new_like, new_output, scalar_args, seed_tensor, strides4
 from .spec import KernelSpec, padded_head_dim
 
 log = logging.getLogger(__name__)
@@ -94,22 +94,23 @@ def attention_backward(
     if spec.block_map:
         by_col = blockmap.get(mask_expr, mask_args, M, N, cfg.BLOCK_M, cfg.BLOCK_N, q.device).by_col
         by_row = blockmap.get(mask_expr, mask_args, M, N, cfg.BLOCK_N, cfg.BLOCK_M, q.device).by_row
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     with render.interpreting() if interpret else contextlib.nullcontext():
         mod.attn_bwd_pre[(_cdiv(M, _PRE_BLOCK_M), B * Hq)](
             out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), Hq, M,
             HEAD_DIM_V=Dv, HEAD_DIM_V_P=padded_head_dim(Dv), BLOCK_M=_PRE_BLOCK_M,
         )
-        mod.attn_bwd_dkdv[(_cdiv(N, cfg.BLOCK_N), B * Hkv)](
+        launch_fitting(("dkdv", spec), cfg, lambda c: mod.attn_bwd_dkdv[(_cdiv(N, c.BLOCK_N), B * Hkv)](
             q, k, v, grad_out, lse, delta, dk, dv, seed_t, *_map_args(by_col), *extras, *db_args,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            *common_tail, **head_dims(spec), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **launch,
-        )
-        mod.attn_bwd_dq[(_cdiv(M, cfg.BLOCK_N), B * Hq)](
+            *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        ))
+        launch_fitting(("dq", spec), cfg, lambda c: mod.attn_bwd_dq[(_cdiv(M, c.BLOCK_N), B * Hq)](
             q, k, v, grad_out, lse, delta, dq, seed_t, *_map_args(by_row), *extras,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            *common_tail, **head_dims(spec), BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M, **launch,
-        )
+            *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_N, BLOCK_N=c.BLOCK_M,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        ))
     for i, dtype in finish:
         dbiases[i] = dbiases[i].to(dtype)
     return dq, dk, dv, dbiases

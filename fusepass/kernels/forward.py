@@ -13,7 +13,7 @@ from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
 from .heuristics import ConfigQuery, choose, set_config_provider  # noqa: F401  (re-exported hook)
-from .launch_common import extra_args, head_dims, new_output, scalar_args, seed_tensor
+from .launch_common import extra_args, head_dims, launch_fitting, new_output, scalar_args, seed_tensor
 from .spec import KernelSpec
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ def attention_forward(
     else:
         map_args = [None, None, None, None, 0]
     with render.interpreting() if interpret else contextlib.nullcontext():
-        _launch(mod, q, k, v, out, lse, seed, spec, cfg, map_args, biases, masks, mask_args,
-                scale, softcap, dropout_p, mask_fill)
+        launch_fitting(("fwd", spec), cfg, lambda c: _launch(
+            mod, q, k, v, out, lse, seed, spec, c, map_args, biases, masks, mask_args,
+            scale, softcap, dropout_p, mask_fill))
     return out, lse
 
 

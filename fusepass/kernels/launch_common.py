@@ -76,3 +76,27 @@ def head_dims(spec: KernelSpec) -> dict:
         HEAD_DIM_P=padded_head_dim(spec.head_dim),
         HEAD_DIM_V_P=padded_head_dim(spec.v_head_dim),
     )
+
+
+_fitted: dict = {}
+
+
+def launch_fitting(key, cfg, launch):
+    """``launch(cfg)``; if the compiled kernel needs more shared memory than the GPU has (e.g.
+    extra bias/mask tiles on top of a tuned config), retry with fewer pipeline stages and
+    remember the config that fitted.  Only the first launch of a variant can take this path,
+    so CUDA-graph replays never do."""
+    import dataclasses
+
+    cfg = _fitted.get((key, cfg), cfg)
+    first = cfg
+    while True:
+        try:
+            launch(cfg)
+        except Exception as e:  # triton.runtime.errors.OutOfResources (its module moved between versions)
+            if type(e).__name__ != "OutOfResources" or cfg.num_stages <= 1:
+                raise
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+            continue
+        _fitted[(key, first)] = cfg
+        return cfg
