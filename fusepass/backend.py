@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -12,8 +13,9 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .autotune import provider
-from .graph import matcher, rewrite
+from .graph import matcher, nodes, predicates, rewrite
 from .graph.contractions import Refusal
+from .masks.reader import Guard
 from .options import Options, resolve_options
 from .spec import SiteRecord
 
@@ -33,15 +35,24 @@ def source_location(node: fx.Node) -> str:
     return f"{os.path.basename(path)}:{line}"
 
 
-def fuse_attention(gm: fx.GraphModule, options: Options) -> list[SiteRecord]:
-    """Rewrite every fusable attention in ``gm`` in place; one record per attention-like site."""
-    records = []
+def fuse_attention(
+    gm: fx.GraphModule, options: Options, example_inputs: Optional[list] = None
+) -> tuple[list[SiteRecord], list[Guard], Optional[fx.GraphModule]]:
+    """Rewrite every fusable attention in ``gm`` in place.
+
+    Returns one record per attention-like site, the guards of buffers whose values a mask
+    predicate relies on, and (only when there are guards) a copy of the graph as it was,
+    to run when a guard fails.
+    """
+    records, plans = [], []
     for softmax, found in matcher.find_sites(gm):
         location = source_location(softmax)
         if isinstance(found, Refusal):
             records.append(SiteRecord(location, False, str(found)))
             continue
         try:
+            if options.mask_predicates and example_inputs is not None:
+                predicates.lift(found, nodes.fake(nodes.softmax(softmax).input).shape, example_inputs)
             expand = rewrite.check_batch(found)
             spec = rewrite.describe(found, location)
         except Refusal as refusal:
@@ -51,9 +62,13 @@ def fuse_attention(gm: fx.GraphModule, options: Options) -> list[SiteRecord]:
         if reason is not None:
             records.append(SiteRecord(location, False, reason, spec))
             continue
-        rewrite.rewrite(gm, found, expand)
+        plans.append((found, expand))
         records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec)))
-    if any(r.fused for r in records):
+    guards = [g for match, _ in plans for g in match.guards]
+    original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if guards else None
+    for match, expand in plans:
+        rewrite.rewrite(gm, match, expand)
+    if plans:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -64,7 +79,26 @@ def fuse_attention(gm: fx.GraphModule, options: Options) -> list[SiteRecord]:
         else:
             counters["fusepass"]["attention_rejected"] += 1
             log.debug("not fusing attention at %s: %s", r.location, r.reason)
-    return records
+    return records, guards, original
+
+
+def _guarded(compiled: Callable, guards: list[Guard], original: fx.GraphModule) -> Callable:
+    """Check, per call, that buffers read by value still hold what the predicate assumed;
+    when one does not, run the graph as the user wrote it (correct, unfused)."""
+    warned = []
+
+    def trusted(args) -> bool:
+        if all(g.check(args[g.input_index]) for g in guards):
+            return True
+        if not warned:
+            warned.append(True)
+            log.warning("fusepass: a mask buffer changed since compilation; running this graph unfused")
+        return False
+
+    def run(*args):
+        return compiled(*args) if trusted(args) else original(*args)
+
+    return run
 
 
 def _policy_refusal(spec, options: Options) -> Optional[str]:
@@ -111,7 +145,8 @@ def fusepass_backend(
     # autotune switch of the latest compile applies process-wide (see docs/autotune.md).
     provider.install()
     provider.configure(opts)
-    records = fuse_attention(gm, opts)
+    records, guards, original = fuse_attention(gm, opts, example_inputs)
     for recorder in _recorders:
         recorder.extend(records)
-    return _inner_compile(gm, example_inputs, opts, mode)
+    compiled = _inner_compile(gm, example_inputs, opts, mode)
+    return _guarded(compiled, guards, original) if guards else compiled

@@ -32,7 +32,7 @@ class ExplainReport:
                 spec.layout if spec else "",
                 f"{spec.dtype} q{list(spec.q_shape)}" if spec else "",
                 format_scale(spec.scale) if spec else "",
-                spec.mask if spec else "",
+                (spec.mask + (f" ({spec.skipped_fraction:.0%} tiles skipped)" if spec.skipped_fraction else "")) if spec else "",
                 spec.bias if spec else "",
                 spec.gqa if spec else "",
                 (f"{spec.softcap:g}" if spec.softcap else "-") if spec else "",

@@ -25,6 +25,7 @@ class AttentionSpec:
     bias_requires_grad: tuple  # per bias
     mask: str  # "none", "tensor", or the predicate text
     mask_fill: float  # what masked scores are replaced by (-inf or eager's finite value)
+    skipped_fraction: float = 0.0  # fraction of 128x128 tiles the mask predicate rules out
 
     @property
     def bias(self) -> str:

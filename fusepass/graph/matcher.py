@@ -60,6 +60,10 @@ class Match:
     dropout_p: float
     gqa_groups: int = 1
     gqa_source: str = ""
+    # Filled by graph/predicates.py when masks are read from their construction.
+    mask_expr: str = ""
+    mask_args: list = dataclasses.field(default_factory=list)  # ints or SymInt nodes: a0, a1, ...
+    guards: list = dataclasses.field(default_factory=list)  # buffers read by value
 
 
 def _single_user(node: fx.Node, what: str) -> None:

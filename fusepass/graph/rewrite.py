@@ -17,7 +17,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..ops import attention as _op  # noqa: F401  (registers torch.ops.fusepass)
 from ..spec import AttentionSpec
-from . import nodes
+from . import nodes, predicates
 from .contractions import Operand, Refusal
 from .matcher import Match
 
@@ -84,7 +84,8 @@ def describe(m: Match, location: str) -> AttentionSpec:
         scale=m.scale, softcap=m.softcap, dropout_p=m.dropout_p, gqa_groups=groups, gqa_source=source,
         bias_shapes=tuple(tuple(nodes.fake(b.node).shape) for b in m.biases),
         bias_requires_grad=tuple(bool(nodes.fake(b.node).requires_grad) for b in m.biases),
-        mask="tensor" if m.masks else "none", mask_fill=m.mask_fill,
+        mask=predicates.description(m), mask_fill=m.mask_fill,
+        skipped_fraction=predicates.skipped_fraction(m, qs[2], ks[2]),
     )
 
 
@@ -118,7 +119,7 @@ def rewrite(gm: fx.GraphModule, m: Match, expand: tuple[bool, bool, bool]) -> No
         call = graph.call_function(
             torch.ops.fusepass.attention.default,
             (q, k, v, biases, masks, seed, float(m.scale), float(m.softcap), float(m.dropout_p),
-             float(m.mask_fill), "", []),
+             float(m.mask_fill), m.mask_expr, list(m.mask_args)),
         )
         out = graph.call_function(operator.getitem, (call, 0))
         if rank == 3:
