@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .spec import KernelSpec, padded_head_dim
@@ -62,7 +61,8 @@ def scalar_args(spec: KernelSpec, scale, softcap, dropout_p, mask_fill, N) -> li
     fill_lse = 0.0
     if spec.finite_fill:
         # logsumexp of N equal fills, rounded like torch's fp32 logsumexp: fill + log(N).
-        fill_lse = float(np.float32(mask_fill) + np.float32(math.log(max(N, 1))))
+        f32 = torch.float32  # numpy is not a dependency; round through fp32 scalars on the CPU
+        fill_lse = (torch.tensor(mask_fill, dtype=f32) + torch.tensor(math.log(max(N, 1)), dtype=f32)).item()
     return [
         float(scale), float(scale) * log2e, float(softcap), 1.0 / softcap if softcap > 0 else 0.0,
         threshold, drop_scale, fill_lse,
