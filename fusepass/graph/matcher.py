@@ -66,9 +66,15 @@ class Match:
     guards: list = dataclasses.field(default_factory=list)  # buffers read by value
 
 
+def _reads_dtype_only(user: fx.Node, node: fx.Node) -> bool:
+    """``x.type_as(node)`` / ``x.to(node)`` read node's dtype, not its values (T5 does this)."""
+    return user.op == "call_method" and user.target in ("type_as", "to") and user.args[0] is not node
+
+
 def _single_user(node: fx.Node, what: str) -> None:
-    if len(node.users) != 1:
-        raise Refusal(f"{what} ({node.name}) has {len(node.users)} users: attention weights or scores are used elsewhere")
+    users = [u for u in node.users if not _reads_dtype_only(u, node)]
+    if len(users) != 1:
+        raise Refusal(f"{what} ({node.name}) has {len(users)} users: attention weights or scores are used elsewhere")
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
@@ -210,7 +216,7 @@ def _walk_probs(softmax: fx.Node) -> tuple[PV, fx.Node, float]:
     node, dropout_p = softmax, 0.0
     for _ in range(MAX_WALK):
         _single_user(node, "the attention weights")
-        user = next(iter(node.users))
+        user = next(u for u in node.users if not _reads_dtype_only(u, node))
         if is_contraction(user):
             pv = read_pv(user)
             if pv.p is not node:

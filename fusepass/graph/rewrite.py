@@ -111,8 +111,8 @@ def rewrite(gm: fx.GraphModule, m: Match, expand: tuple[bool, bool, bool]) -> No
             biases.append(node)
         masks = []
         for mk in m.masks:
-            node = mk.cond if mk.keep_when else graph.call_function(torch.logical_not, (mk.cond,))
-            masks.append(_to_rank4(graph, node, rank))
+            node = _to_rank4(graph, mk.cond, rank)
+            masks.append(node if mk.keep_when else graph.call_function(torch.logical_not, (node,)))
         seed = None
         if m.dropout_p > 0:
             seed = graph.call_function(torch.randint, (0, 2**31 - 1, ()), {"dtype": torch.int64, "device": "cpu"})
