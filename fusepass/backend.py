@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .autotune import provider
+from .kernels import support
 from .graph import matcher, nodes, predicates, rewrite
 from .graph.contractions import Refusal
 from .masks.reader import Guard
@@ -112,11 +113,9 @@ def _policy_refusal(spec, options: Options) -> Optional[str]:
 
 def _runs_on(spec) -> str:
     """Where the op will run for this site, as far as is known at compile time."""
-    try:
-        from .kernels import support
-    except ImportError:
-        return "reference"
-    reason = support.fallback_reason(spec.device, spec.dtype, spec.q_shape[3], spec.v_shape[3])
+    reason = support.fallback_reason(
+        spec.device, getattr(torch, spec.dtype), spec.q_shape[3], spec.v_shape[3], spec.mask_fill
+    )
     return "triton" if reason is None else f"reference ({reason})"
 
 
@@ -145,6 +144,7 @@ def fusepass_backend(
     # autotune switch of the latest compile applies process-wide (see docs/autotune.md).
     provider.install()
     provider.configure(opts)
+    support.configure(True if opts.interpret else None)  # False defers to FUSEPASS_INTERPRET
     records, guards, original = fuse_attention(gm, opts, example_inputs)
     for recorder in _recorders:
         recorder.extend(records)

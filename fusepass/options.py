@@ -27,9 +27,8 @@ class Options:
     min_seq_len: int = 0
     # Tune kernel configs by timing them on the GPU; False picks a heuristic default.
     autotune: bool = True
-    # Use the FP8 forward of the Hopper template where it applies.
-    fp8: bool = False
     # Run the generated Triton kernels through Triton's interpreter (CPU tensors allowed).
+    # Like autotune, it applies process-wide from the latest compile: the op carries no options.
     interpret: bool = False
     # Read mask construction into position predicates (block skipping); False keeps masks as tensors.
     mask_predicates: bool = True

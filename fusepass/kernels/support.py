@@ -24,7 +24,19 @@ def _triton_version() -> Optional[str]:
     return triton.__version__
 
 
+# Set by the backend from options.interpret at each compile (the op carries no options);
+# None defers to the FUSEPASS_INTERPRET environment variable.
+_interpret_option: Optional[bool] = None
+
+
+def configure(interpret: Optional[bool]) -> None:
+    global _interpret_option
+    _interpret_option = interpret
+
+
 def interpret_requested() -> bool:
+    if _interpret_option is not None:
+        return _interpret_option
     return os.environ.get("FUSEPASS_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
