@@ -217,6 +217,29 @@ def test_segment_ids_are_a_data_term():
     assert torch.equal(got, want.expand_as(got))
 
 
+
+def test_data_term_under_an_or_in_an_additive_mask():
+    """A data term inside an | makes the whole mask data; read through an additive
+    where(keep, 0, min), sympy respells its relations (j <= i as i >= j) and the term must still
+    be found as the value of the keep node."""
+    def f(x, seg):
+        T = x.shape[1]
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        keep = ((seg[:, None, :, None] == seg[:, None, None, :]) & (j <= i)) | (j < 2)
+        return torch.where(keep, torch.tensor(0.0), NEG)
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    r, gm, ex = read_output(f, (torch.randn(1, 8), seg), "additive")
+    assert isinstance(r, MaskReading), r
+    assert r.expr == "" and r.fill == NEG
+    (node, invert), = r.data_masks
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    interp.run(*ex)
+    data = interp.env[node]
+    got = ~data if invert else data
+    want = f(torch.randn(1, 8), seg) == 0
+    assert torch.equal(got.expand_as(want), want)
+
 def _tiny(model_name):
     import transformers
 

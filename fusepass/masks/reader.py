@@ -297,14 +297,23 @@ def _match_data(interp, data: list, R: int) -> tuple[tuple[fx.Node, bool], ...]:
         if mv.dim() > R:
             continue
         v = absint.shift(v, mv.dim(), R)
-        table.setdefault(v, (n, False))
-        table.setdefault(sympy.Not(v), (n, True))
-    whole = sympy.And(*data)
+        table.setdefault(_canonical(v), (n, False))
+        table.setdefault(_canonical(sympy.Not(v)), (n, True))
+    whole = _canonical(sympy.And(*data))
     if whole in table:
         return (table[whole],)
     out = []
     for c in data:
-        if c not in table:
+        if _canonical(c) not in table:
             raise Unreadable(f"data term {c} is not the value of any one graph node")
-        out.append(table[c])
+        out.append(table[_canonical(c)])
     return tuple(out)
+
+
+def _canonical(e: Any) -> Any:
+    """One spelling per relation, so that a term compares equal to the node that computed it
+    even after sympy rewrote it (piecewise folding of an additive mask turns ``j <= i`` into
+    ``i >= j``)."""
+    if not isinstance(e, sympy.Basic):
+        return e
+    return e.replace(lambda x: isinstance(x, sympy.Rel), lambda x: x.canonical)
