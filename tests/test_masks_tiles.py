@@ -116,3 +116,14 @@ def test_classify_text_is_equivalent(expr):
         want = predicate.dense_keep(expr, 1, 1, M, N, (a0,))
         got = predicate.dense_keep(c.text or "True", 1, 1, M, N, (a0,))
         assert torch.equal(got, want), (expr, c.text)
+
+
+def test_block_map_is_a_real_cpu_tensor_under_fake_mode():
+    """The backend may classify tiles while a fake mode is active: the map must still be real."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    want = block_map("(j <= i) & (j > i - 40)", 100, 300, 16, 32)
+    with FakeTensorMode():
+        got = block_map("(j <= i) & (j > i - 40)", 100, 300, 16, 32)
+    assert not isinstance(got, FakeTensor) and got.device.type == "cpu" and got.dtype == torch.int8
+    assert torch.equal(got, want)
