@@ -97,6 +97,17 @@ def compiled_plain_fn(q, k, v, causal):
     return lambda: _plain_c(q, k, v, causal)
 
 
+# The benchmark's shapes: bf16, B*N = 16k tokens, hidden 2048 (benchmarks/bench_autotune.py imports these).
+DIMS = (64, 128)
+SEQS = (1024, 4096, 16384)
+MODES = ("fwd", "fwd+bwd")
+
+
+def shapes(dims=DIMS, seqs=SEQS):
+    """(D, N, B, H, causal) of every case, in the table's order."""
+    return [(D, N, max(1, 16384 // N), 2048 // D, causal) for D in dims for N in seqs for causal in (False, True)]
+
+
 PROVIDERS = {
     "fusepass": fusepass_fn,
     "sdpa_flash": sdpa_fn(SDPBackend.FLASH_ATTENTION),
@@ -110,9 +121,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--csv", default="benchmarks/results.csv")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
-    ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--seqs", default="1024,4096,16384")
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--dims", default=",".join(map(str, DIMS)))
+    ap.add_argument("--seqs", default=",".join(map(str, SEQS)))
+    ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
     providers = args.providers.split(",")
     dev = torch.device("cuda")

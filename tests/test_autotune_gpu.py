@@ -78,7 +78,7 @@ def test_forward_tuned_is_at_least_as_fast_as_default_and_correct(tuner, shape):
     query = _query("fwd", q, k, v, expr)
     tuned = provider.kernel_config_provider(query)
     assert tuned is not None and tuner.tuned_count == 1
-    default = heuristics.default_config(torch.cuda.get_device_capability(), q.dtype, dims[-1], "fwd")
+    default = heuristics.default_for(query)  # what the launch runs untuned (block-map aware)
     args = ([], [], None, dims[-1] ** -0.5, 0.0, 0.0, float("-inf"), expr, [])
     t_tuned = _median_ms(lambda: attention_forward(q, k, v, *args, config=tuned))
     t_default = _median_ms(lambda: attention_forward(q, k, v, *args, config=default))
@@ -105,9 +105,10 @@ def test_backward_tuned_is_at_least_as_fast_as_default(tuner):
     args = ([], [], None, 128 ** -0.5, 0.0, 0.0, float("-inf"), "", [])
     out, lse = attention_forward(q, k, v, *args)
     dout = torch.randn_like(out)
-    tuned = provider.kernel_config_provider(_query("bwd", q, k, v, "", bias_needs_grad=[]))
+    query = _query("bwd", q, k, v, "", bias_needs_grad=[])
+    tuned = provider.kernel_config_provider(query)
     assert tuned is not None
-    default = heuristics.default_config(torch.cuda.get_device_capability(), q.dtype, 128, "bwd")
+    default = heuristics.default_for(query)  # N-aware: 64x64 at N=2k, not the N=4k default
     run = lambda cfg: backward.attention_backward(dout, q, k, v, out, lse, *args, [], config=cfg)  # noqa: E731
     t_tuned, t_default = _median_ms(lambda: run(tuned)), _median_ms(lambda: run(default))
     print(f"bwd: tuned {tuned.short()} {t_tuned:.3f} ms, default {default.short()} {t_default:.3f} ms")
@@ -152,3 +153,77 @@ def test_second_process_reuses_the_cache(tmp_path):
     assert len(entries) == 1
     (entry,) = entries.values()
     assert entry.tuning_seconds > 0 and entry.candidates >= 1 and math.isfinite(entry.time_ms)
+
+
+# The user's paths: the op called directly and torch.compile(backend="fusepass"), each in a fresh
+# process on the cache directory the test gives it; logging left unconfigured, as a user's would.
+E2E = textwrap.dedent("""
+    import json, sys, torch
+    import fusepass
+    from fusepass.autotune import tuner
+    mode = sys.argv[1]
+    t = tuner.default_tuner()
+    timed = []
+    inner = t.timer
+    t.timer = lambda fn: (timed.append(1), inner(fn))[1]
+    make = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if mode == "op":
+        q, k, v = make(2, 8, 1024, 64), make(2, 8, 1024, 64), make(2, 8, 1024, 64)
+        out = fusepass.fused_attention(q, k, v)
+        out.backward(torch.randn_like(out))
+        ref = torch.nn.functional.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float())
+        err = ((out.detach().float() - ref).norm() / ref.norm()).item()
+    else:
+        def attn(q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1) @ v
+        autotune = mode == "compile"
+        f = torch.compile(attn, backend="fusepass", options={"autotune": autotune})
+        q, k, v = make(2, 8, 2048, 64), make(2, 8, 2048, 64), make(2, 8, 2048, 64)
+        out = f(q, k, v)
+        out.backward(torch.randn_like(out))
+        ref = attn(q.detach().float(), k.detach().float(), v.detach().float())
+        err = ((out.detach().float() - ref).norm() / ref.norm()).item()
+        from torch._dynamo.utils import counters
+        assert counters["fusepass"]["attention_fused"] >= 1, dict(counters["fusepass"])
+    torch.cuda.synchronize()
+    print(json.dumps({"tuned": t.tuned_count, "timed": len(timed), "err": err}))
+""")
+
+
+def _run_e2e(mode, cache_dir, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "FUSEPASS_AUTOTUNE"}
+    env.update(FUSEPASS_CACHE_DIR=str(cache_dir), **env_extra)
+    r = subprocess.run([sys.executable, "-c", E2E, mode], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+@pytest.mark.parametrize("mode", ["op", "compile"])
+def test_user_paths_tune_forward_and_backward_once_and_log_it(tmp_path, mode):
+    first, log1 = _run_e2e(mode, tmp_path)
+    assert first["err"] < 2e-2
+    # One forward key and one backward key, each tuned (timed) in this process.
+    assert first["tuned"] == 2 and first["timed"] >= 2, first
+    entries = TuneCache(tmp_path).entries()
+    assert sorted(k.direction for k in entries) == ["bwd", "fwd"], entries
+    for key, entry in entries.items():
+        assert key.dtype == "bf16" and key.head_dim == 64 and entry.candidates >= 2
+        assert entry.default_config is not None and entry.default_ms is not None
+        assert entry.time_ms <= entry.default_ms  # the default is among the timed candidates
+        # The per-key log line with its duration reaches stderr with logging unconfigured.
+        assert "tuned #" in log1 and key.describe() in log1, log1[-2000:]
+    assert log1.count("fusepass autotune: tuned") == 2
+    second, log2 = _run_e2e(mode, tmp_path)
+    assert second["tuned"] == 0 and second["timed"] == 0, "the second process retuned"
+    assert "fusepass autotune: tun" not in log2
+    assert len(TuneCache(tmp_path).entries()) == 2
+
+
+def test_autotune_off_times_nothing(tmp_path):
+    off, log = _run_e2e("compile-off", tmp_path / "a")  # options={"autotune": False}
+    assert off["tuned"] == 0 and off["timed"] == 0 and off["err"] < 2e-2
+    assert "fusepass autotune: tun" not in log
+    off, log = _run_e2e("op", tmp_path / "b", FUSEPASS_AUTOTUNE="0")
+    assert off["tuned"] == 0 and off["timed"] == 0 and off["err"] < 2e-2
+    assert not TuneCache(tmp_path / "a").entries() and not TuneCache(tmp_path / "b").entries()

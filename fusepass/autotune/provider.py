@@ -334,6 +334,19 @@ def _kernel_bench_fn(query: Any) -> BenchFn | None:
     return bench_bwd
 
 
+def query_key(query: Any) -> TuneKey:
+    """The tune key of one launch (``fusepass.kernels.heuristics.ConfigQuery``) on a CUDA device."""
+    spec = query.spec
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    name, capability, _ = device_info(index)
+    return TuneKey.build(
+        gpu=name, capability=capability, template_hash=template_hash(), dtype=query.dtype,
+        head_dim=spec.head_dim, value_head_dim=spec.v_head_dim, seq_q=query.q_len, seq_k=query.kv_len,
+        direction=query.direction, features=feature_signature(spec),
+        gqa_group=max(1, query.q_heads // max(1, query.kv_heads)),
+    )
+
+
 def kernel_config_provider(query: Any) -> KernelConfig | None:
     """``fusepass.kernels.heuristics.ConfigProvider``: the tuned config for one launch, or None
     (the launcher then uses ``heuristics.default_config``) when autotuning is off, the device is
@@ -352,12 +365,7 @@ def kernel_config_provider(query: Any) -> KernelConfig | None:
     spec = query.spec
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
     name, capability, smem = device_info(index)
-    key = TuneKey.build(
-        gpu=name, capability=capability, template_hash=template_hash(), dtype=query.dtype,
-        head_dim=spec.head_dim, value_head_dim=spec.v_head_dim, seq_q=query.q_len, seq_k=query.kv_len,
-        direction=query.direction, features=feature_signature(spec),
-        gqa_group=max(1, query.q_heads // max(1, query.kv_heads)),
-    )
+    key = query_key(query)
     tuner = default_tuner()
     entry = tuner.lookup(key)
     if entry is not None:
@@ -368,7 +376,9 @@ def kernel_config_provider(query: Any) -> KernelConfig | None:
             log.debug("fusepass autotune: cannot time %s without the call's mask arguments; default config",
                       key.describe())
             return None
-        default = heuristics.default_config(capability, query.dtype, max(spec.head_dim, spec.v_head_dim), query.direction)
+        # The config the launch would run without us (block-map and length aware): the baseline
+        # the tuned config must beat, timed with the candidates.
+        default = heuristics.default_for(query)
         arch = arch_for(capability, smem)
         cands = space.candidates(
             arch, key.head_dim, key.dtype, value_head_dim=key.value_head_dim, direction=key.direction,

@@ -39,6 +39,18 @@ def do_bench_median(fn: Runner) -> float:
     return float(triton.testing.do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median"))
 
 
+def announce(message: str, *args: object) -> None:
+    """A tuning progress line: logged at INFO, and written to stderr when the process has not
+    configured logging at all (no handler anywhere), so that the seconds a first compile spends
+    tuning are never silent.  A process that configured logging and filtered INFO out sees
+    nothing here."""
+    log.info(message, *args)
+    if not log.hasHandlers():
+        import sys
+
+        print("[fusepass] " + (message % args if args else message), file=sys.stderr, flush=True)
+
+
 class TuningFailed(RuntimeError):
     """Every candidate failed to compile or run and there was no default to fall back to."""
 
@@ -114,7 +126,7 @@ class Tuner:
             seen: set[TuneKey] = set()
             todo = [r for r in todo if not (r.key in seen or seen.add(r.key))]
             if todo:
-                log.info("fusepass autotune: %d of %d keys need tuning", len(todo), len(requests))
+                announce("fusepass autotune: %d of %d keys need tuning", len(todo), len(requests))
             for i, r in enumerate(todo, 1):
                 self.tune(r.key, r.candidates, r.bench_fn, default=r.default, shape=r.shape,
                           flops=r.flops, progress=(i, len(todo)))
@@ -126,7 +138,7 @@ class Tuner:
             order.insert(0, default)
         count = progress or (self.tuned_count + 1, 0)
         label = f"{count[0]}/{count[1]}" if count[1] else f"#{count[0]}"
-        log.info("fusepass autotune: tuning %s %s over %d configs ...", label, key.describe(), len(order))
+        announce("fusepass autotune: tuning %s %s over %d configs ...", label, key.describe(), len(order))
         start = time.perf_counter()
         timings: list[tuple[KernelConfig, float]] = []
         for cfg in order:
@@ -166,7 +178,7 @@ class Tuner:
             f", default {default.short()} {default_ms:.3f} ms ({default_ms / best_ms:.2f}x)"
             if default is not None and default_ms is not None else ""
         )
-        log.info("fusepass autotune: tuned %s %s in %.1f s: %s %.3f ms%s, %d/%d configs ran",
+        announce("fusepass autotune: tuned %s %s in %.1f s: %s %.3f ms%s, %d/%d configs ran",
                  label, key.describe(), elapsed, best.short(), best_ms, vs_default, len(timings), len(order))
         return entry
 

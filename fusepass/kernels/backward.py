@@ -47,8 +47,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def _map_args(lists: Optional[blockmap.TileLists]) -> list:
     if lists is None:
-        return [None, None, None, None, 0]
-    return [lists.partial_idx, lists.partial_cnt, lists.full_idx, lists.full_cnt, lists.stride]
+        return list(blockmap.NO_MAP_ARGS)
+    return lists.kernel_args()
 
 
 def attention_backward(
@@ -62,7 +62,8 @@ def attention_backward(
     spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args,
                               bias_needs_grad=bias_needs_grad)
     interpret = q.device.type != "cuda"
-    cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device), config)
+    cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
+        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)), config)
     mod = kernel_module(spec, interpret)
     dq, dk, dv = new_like(q), new_like(k), new_like(v)
     dbiases, db_args, finish = [], [], []
@@ -92,8 +93,14 @@ def attention_backward(
     extras = extra_args(biases, masks, mask_args)
     by_col = by_row = None
     if spec.block_map:
-        by_col = blockmap.get(mask_expr, mask_args, M, N, cfg.BLOCK_M, cfg.BLOCK_N, q.device).by_col
-        by_row = blockmap.get(mask_expr, mask_args, M, N, cfg.BLOCK_N, cfg.BLOCK_M, q.device).by_row
+        # dK/dV: tiles of BLOCK_M queries x BLOCK_N keys, per key tile; dQ: BLOCK_N x BLOCK_M,
+        # per query tile.  The masks' classes come from this call's forward when it kept them.
+        data_kv = blockmap.data_classes(masks, M, N, cfg.BLOCK_M, cfg.BLOCK_N)
+        data_q = blockmap.data_classes(masks, M, N, cfg.BLOCK_N, cfg.BLOCK_M)
+        by_col = blockmap.call_lists(mask_expr, mask_args, masks, B, Hq, M, N, cfg.BLOCK_M, cfg.BLOCK_N,
+                                     q.device, by="col", data=data_kv)
+        by_row = blockmap.call_lists(mask_expr, mask_args, masks, B, Hq, M, N, cfg.BLOCK_N, cfg.BLOCK_M,
+                                     q.device, by="row", data=data_q)
     with render.interpreting() if interpret else contextlib.nullcontext():
         mod.attn_bwd_pre[(_cdiv(M, _PRE_BLOCK_M), B * Hq)](
             out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), Hq, M,

@@ -50,17 +50,25 @@ def attention_forward(
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
     spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args)
     interpret = q.device.type != "cuda"
-    cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device), config)
+    cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
+        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)), config)
     mod = kernel_module(spec, interpret)
     out = new_output((B, Hq, M, Dv), v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
     if M == 0 or B * Hq == 0:
         return out, lse
     if spec.block_map:
-        lists = blockmap.get(mask_expr, mask_args, M, N, cfg.BLOCK_M, cfg.BLOCK_N, q.device).by_row
-        map_args = [lists.partial_idx, lists.partial_cnt, lists.full_idx, lists.full_cnt, lists.stride]
+        data = None
+        if masks:
+            # The masks' tile classes, once per call: kept (at a granularity the backward's
+            # tiles are unions of) for the backward of this call.
+            g = blockmap.granule(cfg.BLOCK_M, cfg.BLOCK_N)
+            base = blockmap.data_classes(masks, M, N, g, g, store=True)
+            data = blockmap.coarsen(base, cfg.BLOCK_M // g, cfg.BLOCK_N // g)
+        map_args = blockmap.call_lists(mask_expr, mask_args, masks, B, Hq, M, N, cfg.BLOCK_M, cfg.BLOCK_N,
+                                       q.device, by="row", data=data).kernel_args()
     else:
-        map_args = [None, None, None, None, 0]
+        map_args = list(blockmap.NO_MAP_ARGS)
     with render.interpreting() if interpret else contextlib.nullcontext():
         launch_fitting(("fwd", spec), cfg, lambda c: _launch(
             mod, q, k, v, out, lse, seed, spec, c, map_args, biases, masks, mask_args,

@@ -26,16 +26,32 @@ class ConfigQuery:
     q_len: int
     kv_len: int
     device: torch.device
+    # The launch's other arguments, as the forward launcher takes them after q, k, v (biases,
+    # masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), so that a
+    # provider can time this very variant (mask tensors, predicate arguments) on its own inputs.
+    args: Optional[tuple] = dataclasses.field(default=None, compare=False, repr=False)
 
 
 ConfigProvider = Callable[[ConfigQuery], Optional[KernelConfig]]
-_provider: Optional[ConfigProvider] = None
+_UNSET = object()  # no provider chosen yet: the first launch installs the autotuner's
+_provider = _UNSET
 
 
 def set_config_provider(fn: Optional[ConfigProvider]) -> None:
-    """Install ``fn(query) -> KernelConfig | None`` (None: use the default); None removes it."""
+    """Install ``fn(query) -> KernelConfig | None`` (None: use the default); None removes it
+    (and keeps it removed: the autotuner is then not installed on the next launch)."""
     global _provider
     _provider = fn
+
+
+def get_config_provider() -> Optional[ConfigProvider]:
+    """The installed provider; the autotuner's unless one was set (or None set) before."""
+    if _provider is _UNSET:
+        # Direct calls of the op (no torch.compile, hence no backend to install it) are tuned too.
+        from fusepass.autotune import provider as autotune_provider
+
+        autotune_provider.install()
+    return _provider  # type: ignore[return-value]
 
 
 def arch_of(device: torch.device) -> Optional[tuple[int, int]]:
@@ -83,12 +99,18 @@ def default_config(arch: Optional[tuple[int, int]], dtype: torch.dtype, head_dim
     return KernelConfig(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)
 
 
+def default_for(query: ConfigQuery) -> KernelConfig:
+    """The heuristic config a launch runs with when no provider gives one."""
+    return default_config(arch_of(query.device), query.dtype, max(query.spec.head_dim, query.spec.v_head_dim),
+                          query.direction, skipping=query.spec.block_map, kv_len=query.kv_len)
+
+
 def choose(query: ConfigQuery, explicit: Optional[KernelConfig]) -> KernelConfig:
     if explicit is not None:
         return explicit
-    if _provider is not None:
-        cfg = _provider(query)
+    provider = get_config_provider()
+    if provider is not None:
+        cfg = provider(query)
         if cfg is not None:
             return cfg
-    return default_config(arch_of(query.device), query.dtype, max(query.spec.head_dim, query.spec.v_head_dim),
-                          query.direction, skipping=query.spec.block_map, kv_len=query.kv_len)
+    return default_for(query)
