@@ -14,10 +14,12 @@ import math
 import re
 from typing import Any, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..masks import classify, tiles
+from ..masks import classify, predicate, tiles
 from ..masks.reader import Guard, read_mask
 from . import nodes
 from .matcher import Bias, Mask, Match
@@ -35,8 +37,41 @@ def _renumber(expr: str, offset: int) -> str:
     return _ARG.sub(lambda m: f"a{int(m.group(1)) + offset}", expr) if offset else expr
 
 
+def rows_never_empty(expr: str, M: Any, N: Any) -> bool:
+    """Provably, every query row sees at least one key.
+
+    Sufficient test: some key column that exists for every row (0, N - 1, and when M <= N the
+    diagonal i or the bottom-right diagonal i + N - M) is visible for every i >= 0.
+    """
+    S = predicate.SYMBOLS
+    i = sympy.Symbol("i_row", integer=True, nonnegative=True)
+    sizes = {}
+    for name, size in (("M", M), ("N", N)):
+        sizes[S[name]] = size if isinstance(size, int) else sympy.Symbol(f"{name}_size", integer=True, positive=True)
+    keep = predicate.to_sympy(expr).subs(S["i"], i).subs(sizes)
+    m, n = sizes[S["M"]], sizes[S["N"]]
+    columns = [0, n - 1]
+    if statically_known_true(M <= N):
+        columns += [i, i + n - m]
+    for j in columns:
+        if sympy.simplify(keep.subs(S["j"], j)) is sympy.true:
+            return True
+    return False
+
+
+def _needs_grad(match: Match) -> bool:
+    return any(nodes.fake(o.node).requires_grad for o in (match.q, match.k, match.v))
+
+
 def lift(match: Match, scores_shape: Sequence[Any], example_inputs: Sequence[Any]) -> None:
-    """Rewrite ``match.masks`` / ``match.biases`` into ``match.mask_expr`` where readable."""
+    """Rewrite ``match.masks`` / ``match.biases`` into ``match.mask_expr`` where readable.
+
+    An additive mask differs from a replacing one only in rows where every key is hidden:
+    there eager's gradient flows through ``s + fill`` to q and k, while the op's masked scores
+    take none.  So when gradients are needed, an additive mask is lifted only when its
+    predicate provably leaves no row empty; otherwise it stays a bias (exact, just slower).
+    """
+    needs_grad = _needs_grad(match)
     exprs: list[str] = []
     args: list[Any] = []
     guards: list[Guard] = []
@@ -66,6 +101,10 @@ def lift(match: Match, scores_shape: Sequence[Any], example_inputs: Sequence[Any
             reading = read_mask(b.node, "additive", scores_shape, example_inputs)
         ok = usable(reading) and reading.fill is not None and (
             reading.fill == -math.inf or reading.fill <= ADDITIVE_FILL_AT_MOST)
+        if ok and needs_grad and (reading.data_masks or not reading.expr
+                                  or not rows_never_empty(reading.expr, scores_shape[-2], scores_shape[-1])):
+            log.debug("additive mask kept as a tensor: rows may be fully hidden and gradients are needed")
+            ok = False
         if ok and (fill is None or reading.fill == fill):
             fill = reading.fill
             take(reading)
