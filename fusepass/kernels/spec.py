@@ -15,7 +15,7 @@ import torch
 
 from fusepass.masks.predicate import arg_count
 
-from .predicate_triton import to_triton, uses_names
+from .predicate_triton import to_triton
 
 # Masked entries contribute exp(fill - rowmax); below this fill that underflows to exactly 0
 # in fp32 for any row whose visible scores are above fill + 104, so the kernels may treat a
@@ -58,8 +58,9 @@ class KernelSpec:
 
     @property
     def block_map(self) -> bool:
-        # A predicate that reads b or h would need a map per (b, h): not built; all tiles partial.
-        return bool(self.expr) and not ({"b", "h"} & uses_names(self.expr))
+        # Tile lists from the predicate (per (b, h) when it reads b or h) and/or from the bool
+        # masks (computed on the device per call): empty tiles skipped, full ones unmasked.
+        return bool(self.expr) or self.n_masks > 0
 
     def render_params(self) -> dict[str, Any]:
         names = {"b": "off_b", "h": "off_h", "i": "ii", "j": "jj", "M": "M", "N": "N"}
