@@ -217,19 +217,20 @@ def mask_classes(mask: torch.Tensor, M: int, N: int, gr: int, gc: int) -> torch.
 def coarsen(classes: torch.Tensor, fr: int, fc: int) -> torch.Tensor:
     """Classes [..., R, C] of small tiles -> classes of tiles fr x fc times larger (a large tile
     is empty when all its small ones are, full when all are; tiles past the end are
-    don't-care)."""
+    don't-care).  With EMPTY < PARTIAL < FULL: min(max, PARTIAL) + (min == FULL)."""
     if fr == 1 and fc == 1:
         return classes
     *lead, R, C = classes.shape
     R2, C2 = _cdiv(R, fr), _cdiv(C, fc)
-    # Pad with PARTIAL-free fillers: 'visible' False, 'full' True (don't care).
-    vis = classes.new_zeros((*lead, R2 * fr, C2 * fc), dtype=torch.bool)
-    full = classes.new_ones((*lead, R2 * fr, C2 * fc), dtype=torch.bool)
-    vis[..., :R, :C] = classes > EMPTY
-    full[..., :R, :C] = classes == FULL
-    vis = vis.view(*lead, R2, fr, C2, fc).any(-1).any(-2)
-    full = full.view(*lead, R2, fr, C2, fc).all(-1).all(-2)
-    return torch.where(full, FULL, torch.where(vis, PARTIAL, EMPTY)).to(torch.int8)
+    hi = lo = classes
+    if R2 * fr != R or C2 * fc != C:
+        pad = (0, C2 * fc - C, 0, R2 * fr - R)
+        # Don't-care padding: EMPTY for the max (visibility), FULL for the min (fullness).
+        hi = torch.nn.functional.pad(classes, pad, value=EMPTY)
+        lo = torch.nn.functional.pad(classes, pad, value=FULL)
+    hi = hi.reshape(*lead, R2, fr, C2, fc).amax(dim=(-3, -1))
+    lo = lo.reshape(*lead, R2, fr, C2, fc).amin(dim=(-3, -1))
+    return (hi.clamp(max=PARTIAL) + (lo == FULL).to(torch.int8)).to(torch.int8)
 
 
 def _key(masks: Sequence[torch.Tensor], M: int, N: int) -> tuple:
