@@ -56,7 +56,11 @@ def kernels(args) -> list[dict]:
     print(f"# cache: {tuner.cache.path if hasattr(tuner.cache, 'path') else tuner.cache}", flush=True)
     start = time.monotonic()
     rows = []
-    for D, N, B, H, causal in shapes():
+    from bench_attention import DIMS, SEQS
+
+    dims = tuple(map(int, args.dims.split(","))) if args.dims else DIMS
+    seqs = tuple(map(int, args.seqs.split(","))) if args.seqs else SEQS
+    for D, N, B, H, causal in shapes(dims, seqs):
         if time.monotonic() - start > args.deadline:
             print(f"# deadline: skipped D={D} N={N} causal={causal}", flush=True)
             continue
@@ -192,6 +196,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["kernels", "model"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dims", default="", help="head dims, e.g. 128 (default: bench_attention's)")
+    ap.add_argument("--seqs", default="", help="sequence lengths, e.g. 16384 (default: bench_attention's)")
     ap.add_argument("--deadline", type=float, default=math.inf, help="seconds; later cases are skipped")
     args = ap.parse_args()
     import triton
