@@ -267,3 +267,26 @@ def test_train_gradients_fused_and_match_eager(case: ModelCase):
     assert unique_graphs() == graphs, "the second call compiled again"
     assert calls[FUSED_OP] == expected_layers, dict(calls)
     assert calls[FUSED_BACKWARD_OP] == expected_layers, dict(calls)
+
+
+def test_second_model_with_another_head_dim_in_same_process_is_fused():
+    """Two Llama models with different head_dim compiled in one process (no Dynamo reset between).
+
+    Their modules share code objects (transformers' decorators wrap every ``forward`` in the same
+    wrapper), so on the second compile Dynamo's automatic dynamic turns the float attribute
+    ``self_attn.scaling`` (0.25, then 32**-0.5) into a symbolic float: the graph multiplies the
+    scores by ``scaling.item()``.  That is still attention and must still be fused.
+    """
+    inputs = {"input_ids": _ids(16)}
+    fused_before = 0
+    for head_dim in (16, 32):
+        torch.manual_seed(0)
+        model = transformers.LlamaModel(_decoder_config(transformers.LlamaConfig, head_dim=head_dim)).eval()
+        compiled_src, reference = copy.deepcopy(model), copy.deepcopy(model).double()
+        with torch.no_grad():
+            got = torch.compile(compiled_src, backend="fusepass", options=OPTIONS)(**inputs)
+            assert fused_count() - fused_before == LAYERS, f"head_dim={head_dim}: fused {fused_count() - fused_before}"
+            assert rejected_count() == 0, f"head_dim={head_dim}: {rejected_count()} attention sites rejected"
+            assert_close_to_reference(got.last_hidden_state, model(**inputs).last_hidden_state,
+                                      reference(**inputs).last_hidden_state, name=f"head_dim={head_dim}")
+        fused_before = fused_count()
