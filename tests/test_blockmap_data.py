@@ -98,6 +98,8 @@ def test_mask_classes_exact(shape, g):
     # The classifier treats keys past N as don't-care (the cap is applied when lists are built).
     want = dense_classes(mask, g, g, cap_ragged=False)
     assert torch.equal(got, want)
+    # Byte loads (any layout) and int32 word loads (4 contiguous keys) agree.
+    assert torch.equal(blockmap.mask_classes(mask, shape[2], shape[3], g, g, words=False), want)
     assert (got == 0).any() and (got == 2).any() and (got == 1).any()
 
 
