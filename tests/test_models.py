@@ -290,3 +290,21 @@ def test_second_model_with_another_head_dim_in_same_process_is_fused():
             assert_close_to_reference(got.last_hidden_state, model(**inputs).last_hidden_state,
                                       reference(**inputs).last_hidden_state, name=f"head_dim={head_dim}")
         fused_before = fused_count()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_explain_reports_every_site_fused_at_the_model_source(case: ModelCase):
+    import fusepass
+
+    torch.manual_seed(0)
+    model = case.build().eval()
+    report = fusepass.explain(model, options=OPTIONS, **case.inputs())
+    expected = case.count_attention(model.config)
+    assert len(report.sites) == expected, str(report)
+    source = f"modeling_{case.name}.py:"
+    for site in report.sites:
+        assert site.fused and site.reason is None, str(report)
+        # "file:line" in the user's source: here the transformers modeling file of the model.
+        assert source in site.location, f"location {site.location!r} is not in {source}"
+        assert int(site.location.rsplit(":", 1)[1]) > 0
+    assert source in str(report)
