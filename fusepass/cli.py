@@ -368,14 +368,13 @@ def build_parser(with_kernel_commands: bool = False) -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="run the demo (arguments go to it; 'fusepass demo --help')", add_help=False)
 
-    kernel = sub.add_parser("kernel", help="kernel tools (when the kernels provide them)")
     module = _kernel_cli() if with_kernel_commands else None
     if module is not None:
-        # Contract: add_cli_commands(subparsers) adds parsers that set_defaults(func=f),
-        # f(args) -> int | None (the exit status).
-        ksub = kernel.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
-        module.add_cli_commands(ksub)
+        # Contract: add_cli_commands(subparsers) adds the "kernel" parser and its actions, each
+        # with set_defaults(func=f), f(args) -> int | None (the exit status).
+        module.add_cli_commands(sub)
     else:
+        kernel = sub.add_parser("kernel", help="kernel tools (when the kernels provide them)")
         kernel.set_defaults(func=_no_kernel_commands)
     return parser
 

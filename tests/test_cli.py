@@ -126,7 +126,7 @@ def test_show(cache_dir):
     (["cache", "frobnicate"], 2, "invalid choice"),
     ([], 2, "required"),
     (["cache", "import", "/nonexistent/file.json"], 1, "no such file"),
-    (["kernel"], 1, "no kernel commands"),
+    (["kernel"], 2, "required"),  # the kernels provide subcommands (kernel show)
 ])
 def test_errors_exit_non_zero(cache_dir, args, code, message):
     r = run(args, cache_dir)
@@ -201,7 +201,8 @@ def test_kernel_commands_come_from_the_kernels(monkeypatch, capsys):
     module = types.ModuleType("fusepass.kernels.cli")
 
     def add_cli_commands(subparsers):
-        p = subparsers.add_parser("show")
+        kernel = subparsers.add_parser("kernel")
+        p = kernel.add_subparsers(dest="kernel_command", required=True).add_parser("show")
         p.add_argument("--direction", default="fwd")
         p.set_defaults(func=lambda args: print(f"kernel source {args.direction}") or 0)
 

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 def add_cli_commands(subparsers) -> None:
     kernel = subparsers.add_parser("kernel", help="generated Triton kernels")
-    sub = kernel.add_subparsers(dest="kernel_command", required=True)
+    sub = kernel.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
     show = sub.add_parser("show", help="print the generated source of a kernel variant")
     show.add_argument("direction", choices=["fwd", "bwd"])
     show.add_argument("--pred", default="", help="mask predicate, e.g. 'j <= i + (N - M)'")
