@@ -145,16 +145,17 @@ def _walk_scores(softmax_in: fx.Node) -> tuple[QK, fx.Node, list[fx.Node]]:
 
 
 def _score_step_input(node: fx.Node) -> Optional[fx.Node]:
-    for reader in (nodes.cast_input,):
-        x = reader(node)
-        if x is not None:
-            return x
+    x = nodes.cast_input(node)
+    if x is not None:
+        return x
     scaled = nodes.scalar_scale(node)
     if scaled is not None:
         return scaled[0]
     add = nodes.tensor_add(node)
     if add is not None:
-        return add[0] if _leads_to_contraction(add[0]) else add[1] if add[2] == 1.0 else add[0]
+        a, b, coeff = add
+        # The scores may be either side of a +; a - only has them on the left.
+        return a if coeff != 1.0 or _leads_to_contraction(a) else b
     mask = nodes.mask_op(node)
     if mask is not None:
         return mask.scores
