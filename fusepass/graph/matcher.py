@@ -60,6 +60,8 @@ class Match:
     dropout_p: float
     gqa_groups: int = 1
     gqa_source: str = ""
+    # Run-time scale factors (symbolic floats): the rewrite folds them into q.
+    symbolic_scale: list = dataclasses.field(default_factory=list)
     # Filled by graph/predicates.py when masks are read from their construction.
     mask_expr: str = ""
     mask_args: list = dataclasses.field(default_factory=list)  # ints or SymInt nodes: a0, a1, ...
@@ -91,8 +93,16 @@ class _ScoreState:
         self.biases: list[Bias] = []
         self.masks: list[Mask] = []
         self.fill: Optional[float] = None
+        self.symbolic: list[nodes.SymbolicFactor] = []
 
-    def scale_by(self, c: float) -> None:
+    def scale_by(self, c) -> None:
+        if isinstance(c, nodes.SymbolicFactor):
+            # Known only at run time: the rewrite multiplies q by it, which is exact only while
+            # nothing but the product has been formed.
+            if self.biases or self.masks or self.inner is not None:
+                raise Refusal("a symbolic scale is applied after a bias, a mask or a softcap")
+            self.symbolic.append(c)
+            return
         if self.masks:
             raise Refusal("scores are scaled after masking")
         if not c > 0:
@@ -247,7 +257,7 @@ def _strip_scalar_scale(op: Operand) -> tuple[Operand, float]:
     """q * c or k * c before the product folds into the scale (the mul node itself stays if used elsewhere)."""
     factor = 1.0
     node = op.node
-    while (scaled := nodes.scalar_scale(node)) is not None and scaled[1] > 0:
+    while (scaled := nodes.scalar_scale(node)) is not None and isinstance(scaled[1], float) and scaled[1] > 0:
         node, c = scaled
         factor *= c
     return Operand(node, op.perm), factor
@@ -271,6 +281,7 @@ def match_site(softmax_node: fx.Node) -> Match:
         softmax=softmax_node, out_node=out_node, q=q, k=k, v=pv.v, scores_rank=score_ev.dim(),
         scale=scale, softcap=softcap, biases=state.biases, masks=state.masks,
         mask_fill=state.fill if state.fill is not None else -math.inf, dropout_p=dropout_p,
+        symbolic_scale=state.symbolic,
     )
     _check_served(match)
     _native_gqa(match)

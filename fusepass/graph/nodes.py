@@ -67,6 +67,19 @@ def scalar_value(x: Any) -> Optional[float]:
     return None
 
 
+def symbolic_scalar(x: Any) -> Optional[fx.Node]:
+    """A node holding a symbolic Python number (``self.scaling`` once Dynamo made it dynamic)."""
+    if not isinstance(x, fx.Node):
+        return None
+    ev = x.meta.get("example_value", x.meta.get("val"))
+    return x if isinstance(ev, (torch.SymFloat, torch.SymInt)) else None
+
+
+def symbolic_hint(node: fx.Node) -> float:
+    ev = node.meta.get("example_value", node.meta.get("val"))
+    return float(ev.node.hint)
+
+
 def is_tensor_node(x: Any) -> bool:
     return isinstance(x, fx.Node) and fake(x) is not None and scalar_value(x) is None
 
@@ -112,24 +125,43 @@ def cast_input(node: fx.Node) -> Optional[fx.Node]:
 
 
 # ---------------------------------------------------------------- scalar multiply / divide
-def scalar_scale(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
-    """``x * c``, ``c * x``, ``x / c``, ``torch.mul/div``, ``x.mul(c)``: (x, factor) for scalar c."""
+class SymbolicFactor(NamedTuple):
+    """A factor known only at run time: ``node ** power`` (power 1 for *, -1 for /)."""
+
+    node: fx.Node
+    power: int
+
+    def hint(self) -> float:
+        return symbolic_hint(self.node) ** self.power
+
+
+def _factor(x: Any, power: int):
+    c = scalar_value(x)
+    if c is not None:
+        return c if power == 1 else (1.0 / c if c != 0 else None)
+    sym = symbolic_scalar(x)
+    return SymbolicFactor(sym, power) if sym is not None else None
+
+
+def scalar_scale(node: fx.Node) -> Optional[tuple[fx.Node, Any]]:
+    """``x * c``, ``c * x``, ``x / c``, ``torch.mul/div``, ``x.mul(c)``: (x, factor) for scalar c.
+
+    The factor is a float, or a ``SymbolicFactor`` when c is a symbolic number.
+    """
     if is_call(node, operator.mul, torch.mul, torch.Tensor.mul, operator.imul, methods=("mul", "mul_")):
         a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-        ca, cb = scalar_value(a), scalar_value(b)
-        if cb is not None and is_tensor_node(a):
-            return a, cb
-        if ca is not None and is_tensor_node(b):
-            return b, ca
+        if is_tensor_node(a) and (f := _factor(b, 1)) is not None:
+            return a, f
+        if is_tensor_node(b) and (f := _factor(a, 1)) is not None:
+            return b, f
         return None
     if is_call(node, operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, operator.itruediv,
                methods=("div", "div_", "true_divide")):
         if node.kwargs.get("rounding_mode") is not None:
             return None
         a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-        cb = scalar_value(b)
-        if cb is not None and cb != 0 and is_tensor_node(a):
-            return a, 1.0 / cb
+        if is_tensor_node(a) and (f := _factor(b, -1)) is not None:
+            return a, f
     return None
 
 

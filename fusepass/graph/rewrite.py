@@ -81,7 +81,7 @@ def describe(m: Match, location: str) -> AttentionSpec:
     return AttentionSpec(
         layout=LAYOUTS[m.scores_rank], q_shape=qs, k_shape=ks, v_shape=vs,
         dtype=str(q_ev.dtype).replace("torch.", ""), device=q_ev.device.type,
-        scale=m.scale, softcap=m.softcap, dropout_p=m.dropout_p, gqa_groups=groups, gqa_source=source,
+        scale=m.scale * math.prod(f.hint() for f in m.symbolic_scale), softcap=m.softcap, dropout_p=m.dropout_p, gqa_groups=groups, gqa_source=source,
         bias_shapes=tuple(tuple(nodes.fake(b.node).shape) for b in m.biases),
         bias_requires_grad=tuple(bool(nodes.fake(b.node).requires_grad) for b in m.biases),
         mask=predicates.description(m), mask_fill=m.mask_fill,
@@ -94,6 +94,8 @@ def rewrite(gm: fx.GraphModule, m: Match, expand: tuple[bool, bool, bool]) -> No
     rank = m.scores_rank
     with graph.inserting_before(m.out_node):
         q = _operand(graph, m.q, rank)
+        for factor in m.symbolic_scale:
+            q = graph.call_function(operator.mul if factor.power == 1 else operator.truediv, (q, factor.node))
         k, v = _operand(graph, m.k, rank), _operand(graph, m.v, rank)
         batch, heads_k, heads_v = expand
         if batch:
