@@ -92,9 +92,9 @@ def _attention_backward_fake(
     grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
     mask_fill, mask_expr, mask_args, bias_needs_grad,
 ):
-    dbiases = [
-        torch.empty_like(b) if need else b.new_empty((0,)) for b, need in zip(biases, bias_needs_grad)
-    ]
+    # Bias gradients are contiguous whatever the bias's strides (dispatch.backward ensures it):
+    # a T5 bias is a permuted embedding, and Inductor checks the real strides against these.
+    dbiases = [b.new_empty(b.shape) if need else b.new_empty((0,)) for b, need in zip(biases, bias_needs_grad)]
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbiases
 
 

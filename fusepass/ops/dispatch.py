@@ -79,15 +79,12 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
 def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
              mask_fill, mask_expr, mask_args, bias_needs_grad):
     if _kernel_reason(q, v, mask_fill) is None:
-        from fusepass.kernels.backward import attention_backward
-
-        return attention_backward(
-            grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-            mask_fill, mask_expr, mask_args, bias_needs_grad,
-        )
-    from . import reference
-
-    return reference.attention_backward(
+        from fusepass.kernels.backward import attention_backward as run
+    else:
+        from .reference import attention_backward as run
+    dq, dk, dv, dbiases = run(
         grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
         mask_fill, mask_expr, mask_args, bias_needs_grad,
     )
+    # The fake implementation promises contiguous bias gradients (no copy when they are).
+    return dq, dk, dv, [g.contiguous() for g in dbiases]
