@@ -59,23 +59,31 @@ def sdpa_fn(backend):
 _flex = None
 
 
-def flex_fn(q, k, v, causal):
+def flex_compiled():
+    """torch.compile(flex_attention), with room for one compiled flex per shape or mask_mod:
+    without it dynamo falls back to eager flex (seen: 8-25 TFLOP/s at N=16k) once its
+    recompile limit is reached."""
     global _flex
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     if _flex is None:
-        # One compiled flex per shape: without room for them dynamo falls back to eager
-        # flex (seen: 8-25 TFLOP/s at N=16k) once its recompile limit is reached.
+        from torch.nn.attention.flex_attention import flex_attention
+
         torch._dynamo.config.cache_size_limit = 256
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = 256
         torch._dynamo.config.accumulated_cache_size_limit = 4096
         _flex = torch.compile(flex_attention)
+    return _flex
+
+
+def flex_fn(q, k, v, causal):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    flex = flex_compiled()
     bm = None
     if causal:
         N = q.shape[2]
         bm = create_block_mask(lambda b, h, i, j: j <= i, None, None, N, N, device=q.device)
-    return lambda: _flex(q, k, v, block_mask=bm)
+    return lambda: flex(q, k, v, block_mask=bm)
 
 
 def plain(q, k, v, causal):

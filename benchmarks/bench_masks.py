@@ -34,6 +34,9 @@ import torch.nn.functional as F
 import fusepass  # noqa: F401  (registers the backend)
 from fusepass.ops.attention import fused_attention
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import flex_compiled  # noqa: E402  (one harness for every benchmark)
+
 WINDOW_CASES = {"window1k_16k": (16384, 1024), "window4k_32k": (32768, 4096)}
 
 
@@ -106,24 +109,6 @@ def mask_mod_of(case, W, prefix, seg):
     if case == "prefix_lm":
         return lambda b, h, i, j: (j <= i) | (j < prefix)
     return lambda b, h, i, j: (seg[b, i] == seg[b, j]) & (j <= i)
-
-
-_flex = None
-
-
-def flex_compiled():
-    global _flex
-    if _flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        # One compiled flex per mask_mod: without room for them dynamo falls back to eager
-        # flex once its recompile limit is reached (see RESULTS.md).
-        torch._dynamo.config.cache_size_limit = 256
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = 256
-        torch._dynamo.config.accumulated_cache_size_limit = 4096
-        _flex = torch.compile(flex_attention)
-    return _flex
 
 
 # ---------------------------------------------------------------- runner
