@@ -225,6 +225,29 @@ def test_eval_forward_fused_and_matches_eager(case: ModelCase):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def assert_outputs_and_grads_match(label, key_params, got, eager, ref, compiled_model, model, reference):
+    """Outputs and every parameter gradient of the compiled model against the float64 rule;
+    the ``key_params`` (name substrings) must also be present with a non-zero gradient."""
+    for name in ref:
+        assert_close_to_reference(got[name].detach(), eager[name].detach(), ref[name].detach(),
+                                  name=f"{label}.{name}")
+
+    params = dict(compiled_model.named_parameters())
+    eager_params = dict(model.named_parameters())
+    for key in key_params:
+        hits = [n for n in params if key in n]
+        assert hits, f"{label}: no parameter matches {key!r}"
+        for n in hits:
+            assert params[n].grad is not None and params[n].grad.abs().max() > 0, f"{label}: {n} got no gradient"
+    for n, ref_param in reference.named_parameters():
+        if ref_param.grad is None:
+            assert params[n].grad is None, f"{label}: {n} has a gradient in the compiled model only"
+            continue
+        assert params[n].grad is not None, f"{label}: {n} has no gradient in the compiled model"
+        assert_close_to_reference(params[n].grad, eager_params[n].grad, ref_param.grad,
+                                  name=f"{label}: grad of {n}")
+
+
 def test_train_gradients_fused_and_match_eager(case: ModelCase):
     # Train mode with every dropout probability 0: the graph is the training graph, the numbers
     # are deterministic.
@@ -242,24 +265,7 @@ def test_train_gradients_fused_and_match_eager(case: ModelCase):
     ref = _outputs(reference(**inputs))
     _loss(ref).backward()
 
-    for name in ref:
-        assert_close_to_reference(got[name].detach(), eager[name].detach(), ref[name].detach(),
-                                  name=f"{case.name}.{name}")
-
-    params = dict(compiled_src.named_parameters())
-    eager_params = dict(model.named_parameters())
-    for key in case.key_params:
-        hits = [n for n in params if key in n]
-        assert hits, f"{case.name}: no parameter matches {key!r}"
-        for n in hits:
-            assert params[n].grad is not None and params[n].grad.abs().max() > 0, f"{case.name}: {n} got no gradient"
-    for n, ref_param in reference.named_parameters():
-        if ref_param.grad is None:
-            assert params[n].grad is None, f"{case.name}: {n} has a gradient in the compiled model only"
-            continue
-        assert params[n].grad is not None, f"{case.name}: {n} has no gradient in the compiled model"
-        assert_close_to_reference(params[n].grad, eager_params[n].grad, ref_param.grad,
-                                  name=f"{case.name}: grad of {n}")
+    assert_outputs_and_grads_match(case.name, case.key_params, got, eager, ref, compiled_src, model, reference)
 
     graphs = unique_graphs()
     with count_op_calls() as calls:

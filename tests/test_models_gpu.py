@@ -32,7 +32,9 @@ from e2e_util import FUSED_BACKWARD_OP, FUSED_OP, count_op_calls, projection_wei
 
 transformers = pytest.importorskip("transformers")
 
-from test_models import CASES, ModelCase, _check_counts, _ids, _outputs, _padding_mask  # noqa: E402
+from test_models import (  # noqa: E402
+    CASES, ModelCase, _check_counts, _ids, _outputs, _padding_mask, assert_outputs_and_grads_match,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -188,22 +190,7 @@ def test_gpu_train_gradients_fused_through_kernels(name, dtype, kernel_calls):
     ref = _outputs(reference(**inputs))
     _loss(ref).backward()
 
-    for key in ref:
-        assert_close_to_reference(got[key].detach(), eager[key].detach(), ref[key].detach(), name=f"{name}.{key}")
-
-    params = dict(compiled_src.named_parameters())
-    eager_params = dict(model.named_parameters())
-    for key in case.key_params:
-        hits = [n for n in params if key in n]
-        assert hits, f"{name}: no parameter matches {key!r}"
-        for n in hits:
-            assert params[n].grad is not None and params[n].grad.abs().max() > 0, f"{name}: {n} got no gradient"
-    for n, ref_param in reference.named_parameters():
-        if ref_param.grad is None:
-            assert params[n].grad is None, f"{name}: {n} has a gradient in the compiled model only"
-            continue
-        assert params[n].grad is not None, f"{name}: {n} has no gradient in the compiled model"
-        assert_close_to_reference(params[n].grad, eager_params[n].grad, ref_param.grad, name=f"{name}: grad of {n}")
+    assert_outputs_and_grads_match(name, case.key_params, got, eager, ref, compiled_src, model, reference)
 
     graphs = unique_graphs()
     kernel_calls.clear()

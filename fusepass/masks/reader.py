@@ -26,7 +26,6 @@ grammar) with ``b, h, i, j`` for the score axes and ``M, N`` or ``a<k>`` for siz
 
 from __future__ import annotations
 
-import ast
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union

@@ -16,7 +16,6 @@ dS = P * (dP - D).  Everything is computed in fp32 (fp64 for fp64 inputs), upcas
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional
 
