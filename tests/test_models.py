@@ -224,7 +224,6 @@ def test_eval_forward_fused_and_matches_eager(case: ModelCase):
     assert calls[FUSED_OP] == expected_layers, dict(calls)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def assert_outputs_and_grads_match(label, key_params, got, eager, ref, compiled_model, model, reference):
     """Outputs and every parameter gradient of the compiled model against the float64 rule;
     the ``key_params`` (name substrings) must also be present with a non-zero gradient."""
@@ -248,6 +247,7 @@ def assert_outputs_and_grads_match(label, key_params, got, eager, ref, compiled_
                                   name=f"{label}: grad of {n}")
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_train_gradients_fused_and_match_eager(case: ModelCase):
     # Train mode with every dropout probability 0: the graph is the training graph, the numbers
     # are deterministic.
