@@ -21,7 +21,7 @@ from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
 from .heuristics import ConfigQuery, choose
-from .launch_common import extra_args, head_dims, launch_fitting, new_like, new_output, scalar_args, seed_tensor, strides4
+from .launch_common import cdiv, spec_module, extra_args, head_dims, launch_fitting, new_like, new_output, scalar_args, seed_tensor, strides4
 from .spec import KernelSpec, padded_head_dim
 
 log = logging.getLogger(__name__)
@@ -29,20 +29,8 @@ log = logging.getLogger(__name__)
 _PRE_BLOCK_M = 64
 
 
-_modules: dict = {}
-
-
 def kernel_module(spec: KernelSpec, interpret: bool):
-    # Per-spec memo in front of render.load: printing the predicate and hashing the render
-    # parameters on every launch would cost host time on the hot path.
-    mod = _modules.get((spec, interpret))
-    if mod is None:
-        mod = _modules[(spec, interpret)] = render.load("attention_bwd.py.jinja", spec.render_params(), interpret=interpret)
-    return mod
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return spec_module("attention_bwd.py.jinja", spec, interpret)
 
 
 def _map_args(lists: Optional[blockmap.TileLists]) -> list:
@@ -102,17 +90,17 @@ def attention_backward(
         by_row = blockmap.call_lists(mask_expr, mask_args, masks, B, Hq, M, N, cfg.BLOCK_N, cfg.BLOCK_M,
                                      q.device, by="row", data=data_q)
     with render.interpreting() if interpret else contextlib.nullcontext():
-        mod.attn_bwd_pre[(_cdiv(M, _PRE_BLOCK_M), B * Hq)](
+        mod.attn_bwd_pre[(cdiv(M, _PRE_BLOCK_M), B * Hq)](
             out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), Hq, M,
             HEAD_DIM_V=Dv, HEAD_DIM_V_P=padded_head_dim(Dv), BLOCK_M=_PRE_BLOCK_M,
         )
-        launch_fitting(("dkdv", spec), cfg, lambda c: mod.attn_bwd_dkdv[(_cdiv(N, c.BLOCK_N), B * Hkv)](
+        launch_fitting(("dkdv", spec), cfg, lambda c: mod.attn_bwd_dkdv[(cdiv(N, c.BLOCK_N), B * Hkv)](
             q, k, v, grad_out, lse, delta, dk, dv, seed_t, *_map_args(by_col), *extras, *db_args,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
             *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
             num_warps=c.num_warps, num_stages=c.num_stages,
         ))
-        launch_fitting(("dq", spec), cfg, lambda c: mod.attn_bwd_dq[(_cdiv(M, c.BLOCK_N), B * Hq)](
+        launch_fitting(("dq", spec), cfg, lambda c: mod.attn_bwd_dq[(cdiv(M, c.BLOCK_N), B * Hq)](
             q, k, v, grad_out, lse, delta, dq, seed_t, *_map_args(by_row), *extras,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
             *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_N, BLOCK_N=c.BLOCK_M,

@@ -36,6 +36,7 @@ import torch
 
 from fusepass.masks.predicate import evaluate_torch
 
+from .launch_common import cdiv
 from .predicate_triton import uses_names
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,10 @@ class BlockMap:
     by_col: TileLists  # per key tile: query tiles (dK/dV)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def classify(expr: str, args, M: int, N: int, bm: int, bn: int, device, B: int = 1, H: int = 1) -> torch.Tensor:
     """[n_r, n_c] int8 classes of a predicate that reads neither b nor h; else [B', H', n_r, n_c]
     with B' = B if it reads b (else 1), H' likewise: one map per (b, h)."""
-    n_r, n_c = _cdiv(M, bm), _cdiv(N, bn)
+    n_r, n_c = cdiv(M, bm), cdiv(N, bn)
     names = uses_names(expr)
     Bx = B if "b" in names else 1
     Hx = H if "h" in names else 1
@@ -197,12 +194,12 @@ def mask_classes(mask: torch.Tensor, M: int, N: int, gr: int, gc: int, words: bo
 
     m = _as4d(mask)
     Bm, Hm, Mm, Nm = m.shape
-    n_rt, n_ct = _cdiv(Mm, gr), _cdiv(Nm, gc)
+    n_rt, n_ct = cdiv(Mm, gr), cdiv(Nm, gc)
     out = torch.empty((Bm * Hm, n_rt, n_ct), dtype=torch.int8, device=mask.device)
     if out.numel():
         interpret = mask.device.type != "cuda"
         mod = _data_module(interpret)
-        grid = (n_rt, _cdiv(n_ct, _DATA_COLS), Bm * Hm)
+        grid = (n_rt, cdiv(n_ct, _DATA_COLS), Bm * Hm)
         u8 = m.view(torch.uint8)
         src = None
         if words and Nm % 4 == 0 and gc % 4 == 0:
@@ -222,7 +219,7 @@ def mask_classes(mask: torch.Tensor, M: int, N: int, gr: int, gc: int, words: bo
                 src, out, *strides, Hm, Mm, n_cols, n_rt, n_ct, GR=gr, GC=g_cols, COLS=_DATA_COLS,
                 WORDS=src.dtype == torch.int32, num_warps=4,
             )
-    return out.view(Bm, Hm, n_rt, n_ct).expand(Bm, Hm, _cdiv(M, gr), _cdiv(N, gc))
+    return out.view(Bm, Hm, n_rt, n_ct).expand(Bm, Hm, cdiv(M, gr), cdiv(N, gc))
 
 
 def coarsen(classes: torch.Tensor, fr: int, fc: int) -> torch.Tensor:
@@ -232,7 +229,7 @@ def coarsen(classes: torch.Tensor, fr: int, fc: int) -> torch.Tensor:
     if fr == 1 and fc == 1:
         return classes
     *lead, R, C = classes.shape
-    R2, C2 = _cdiv(R, fr), _cdiv(C, fc)
+    R2, C2 = cdiv(R, fr), cdiv(C, fc)
     hi = lo = classes
     if R2 * fr != R or C2 * fc != C:
         pad = (0, C2 * fc - C, 0, R2 * fr - R)

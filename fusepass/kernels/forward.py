@@ -13,32 +13,20 @@ from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
 from .heuristics import ConfigQuery, choose, set_config_provider  # noqa: F401  (re-exported hook)
-from .launch_common import extra_args, head_dims, launch_fitting, new_output, scalar_args, seed_tensor
+from .launch_common import cdiv, spec_module, extra_args, head_dims, launch_fitting, new_output, scalar_args, seed_tensor
 from .spec import KernelSpec
 
 log = logging.getLogger(__name__)
 
 
-_modules: dict = {}
-
-
 def kernel_module(spec: KernelSpec, interpret: bool):
-    # Per-spec memo in front of render.load: printing the predicate and hashing the render
-    # parameters on every launch would cost host time on the hot path.
-    mod = _modules.get((spec, interpret))
-    if mod is None:
-        mod = _modules[(spec, interpret)] = render.load("attention_fwd.py.jinja", spec.render_params(), interpret=interpret)
-    return mod
+    return spec_module("attention_fwd.py.jinja", spec, interpret)
 
 
 def grid(M: int, B: int, Hq: int, cfg: KernelConfig) -> tuple[int, int]:
     """One program per (query tile of BLOCK_M rows, batch * query head); each program walks
     all key tiles its block-map row lists (or all of them) with an online softmax."""
-    return (triton_cdiv(M, cfg.BLOCK_M), B * Hq)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return (cdiv(M, cfg.BLOCK_M), B * Hq)
 
 
 def attention_forward(

@@ -6,7 +6,27 @@ import math
 
 import torch
 
+from . import render
 from .spec import KernelSpec, padded_head_dim
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_modules: dict = {}
+
+
+def spec_module(template: str, spec: KernelSpec, interpret: bool):
+    """The rendered kernel module of ``template`` for ``spec``.
+
+    A per-spec memo in front of render.load: printing the predicate and hashing the render
+    parameters on every launch would cost host time on the hot path.
+    """
+    mod = _modules.get((template, spec, interpret))
+    if mod is None:
+        mod = _modules[(template, spec, interpret)] = render.load(template, spec.render_params(), interpret=interpret)
+    return mod
 
 
 # Testing hook: fill every output buffer with NaN before the kernels run, so that an element a
