@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from .autotune import provider
 from .kernels import support
-from .graph import matcher, nodes, predicates, rewrite
+from .graph import matcher, mutations, nodes, predicates, rewrite
 from .graph.contractions import Refusal
 from .masks.reader import Guard
 from .options import Options, resolve_options
@@ -46,14 +46,14 @@ def fuse_attention(
     to run when a guard fails.
     """
     records, plans = [], []
+    writes = mutations.GraphWrites(gm.graph)
     for softmax, found in matcher.find_sites(gm):
         location = source_location(softmax)
         if isinstance(found, Refusal):
             records.append(SiteRecord(location, False, str(found)))
             continue
         try:
-            if options.mask_predicates and example_inputs is not None:
-                predicates.lift(found, nodes.fake(nodes.softmax(softmax).input).shape, example_inputs)
+            found = _lift_checked(found, softmax, writes, options, example_inputs)
             expand = rewrite.check_batch(found)
             spec = rewrite.describe(found, location)
         except Refusal as refusal:
@@ -67,10 +67,10 @@ def fuse_attention(
         records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec)))
     guards = [g for match, _ in plans for g in match.guards]
     original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if guards else None
+    replaced: dict = {}
     for match, expand in plans:
-        rewrite.rewrite(gm, match, expand)
+        rewrite.rewrite(gm, match, expand, replaced)
     if plans:
-        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
     for r in records:
@@ -81,6 +81,27 @@ def fuse_attention(
             counters["fusepass"]["attention_rejected"] += 1
             log.debug("not fusing attention at %s: %s", r.location, r.reason)
     return records, guards, original
+
+
+def _lift_checked(found, softmax, writes, options: Options, example_inputs):
+    """Lift masks into predicates, unless in-place writes make what was read untrue.
+
+    A mask built in place (``torch.full`` then ``masked_fill_``) cannot be read from its
+    construction; it is then kept as a tensor argument, which the op reads as written.
+    """
+    lift = options.mask_predicates and example_inputs is not None
+    if lift:
+        predicates.lift(found, nodes.fake(nodes.softmax(softmax).input).shape, example_inputs)
+    try:
+        writes.check(found, mutations.leaves_of(found))
+        return found
+    except Refusal as refusal:
+        if not lift:
+            raise
+        log.debug("masks at %s not read as predicates: %s", softmax.name, refusal)
+    found = matcher.match_site(softmax)
+    writes.check(found, mutations.leaves_of(found))
+    return found
 
 
 def _guarded(compiled: Callable, guards: list[Guard], original: fx.GraphModule) -> Callable:
@@ -113,8 +134,10 @@ def _policy_refusal(spec, options: Options) -> Optional[str]:
 
 def _runs_on(spec) -> str:
     """Where the op will run for this site, as far as is known at compile time."""
+    # Symbolic head dims are read at their hint: this is a description, and must not guard.
     reason = support.fallback_reason(
-        spec.device, getattr(torch, spec.dtype), spec.q_shape[3], spec.v_shape[3], spec.mask_fill
+        spec.device, getattr(torch, spec.dtype), nodes.size_hint(spec.q_shape[3]),
+        nodes.size_hint(spec.v_shape[3]), spec.mask_fill,
     )
     return "triton" if reason is None else f"reference ({reason})"
 

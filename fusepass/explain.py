@@ -60,9 +60,12 @@ def explain(model_or_fn, *args: Any, options: Optional[dict] = None, **kwargs: A
         return backend.fusepass_backend(gm, example_inputs, options=options, **kw)
 
     compiled = torch.compile(model_or_fn, backend=recording_backend)
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    wants_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
     backend._recorders.append(records)
     try:
-        compiled(*args, **kwargs)
+        with torch.set_grad_enabled(wants_grad):
+            compiled(*args, **kwargs)
     finally:
         backend._recorders.remove(records)
     return ExplainReport(records, graphs)

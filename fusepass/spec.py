@@ -19,7 +19,7 @@ class AttentionSpec:
     scale: float
     softcap: float  # 0.0 = none
     dropout_p: float  # 0.0 = none (also when the dropout is in eval mode)
-    gqa_groups: int  # query heads per key/value head (1 = plain multi-head)
+    gqa_groups: object  # query heads per kv head (1 = plain multi-head); its expression (str) when symbolic
     gqa_source: str  # how the user repeated K/V: "", "repeat_kv", "repeat_interleave", "broadcast"
     bias_shapes: tuple  # one shape per additive bias
     bias_requires_grad: tuple  # per bias

@@ -89,3 +89,44 @@ def test_three_lengths_compile_at_most_twice_all_fused(build):
         assert calls[FUSED_OP] == n_layers, f"N={n}: {dict(calls)}"
         assert calls[FUSED_BACKWARD_OP] == n_layers, f"N={n}: {dict(calls)}"
     assert unique_graphs() == graphs, "a repeated length compiled again"
+
+
+def _gqa_attention(q, k, v):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return torch.softmax(q @ k.transpose(-1, -2) / q.size(-1) ** 0.5, dim=-1) @ v
+
+
+def _repeat_kv_attention(q, k, v):
+    b, hkv, n, d = k.shape
+    g = q.shape[1] // hkv
+    k = k[:, :, None].expand(b, hkv, g, n, d).reshape(b, hkv * g, n, d)
+    v = v[:, :, None].expand(b, hkv, g, n, v.shape[-1]).reshape(b, hkv * g, n, v.shape[-1])
+    return torch.softmax(q @ k.transpose(-1, -2) / q.size(-1) ** 0.5, dim=-1) @ v
+
+
+# (batch, query heads, kv heads, query length, key length, head dim): a shape sweep of the
+# kind that made every site refused once Dynamo turned batch, heads and head dim symbolic.
+SWEEP = [(2, 4, 2, 8, 9, 16), (3, 6, 3, 5, 11, 32), (1, 8, 2, 7, 7, 8), (2, 8, 4, 9, 13, 64), (2, 6, 2, 3, 5, 24)]
+
+
+@pytest.mark.parametrize("fn", [_gqa_attention, _repeat_kv_attention])
+def test_symbolic_batch_heads_and_head_dim_stay_fused(fn):
+    compiled = torch.compile(fn, backend="fusepass", options=OPTIONS)
+    for b, hq, hkv, m, n, d in SWEEP:
+        q = torch.randn(b, hq, m, d, dtype=torch.float64).requires_grad_()
+        k = torch.randn(b, hkv, n, d, dtype=torch.float64).requires_grad_()
+        v = torch.randn(b, hkv, n, d, dtype=torch.float64).requires_grad_()
+        ref = fn(q, k, v)
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        args32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        eager = fn(*args32)
+        eager_grads = torch.autograd.grad(eager.square().sum(), args32)
+        args = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        out = compiled(*args)
+        grads = torch.autograd.grad(out.square().sum(), args)
+        assert_close_to_reference(out, eager, ref)
+        for name, g, e, r in zip("qkv", grads, eager_grads, ref_grads):
+            assert_close_to_reference(g, e, r, name=f"grad {name} at {(b, hq, hkv, m, n, d)}")
+    assert rejected_count() == 0, "a shape change turned fusion off"
+    assert fused_count() == unique_graphs() <= 3

@@ -127,6 +127,35 @@ def _build_t5():
     return transformers.T5Model(cfg)
 
 
+def _build_bart():
+    cfg = transformers.BartConfig(
+        d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, vocab_size=VOCAB,
+        max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        init_std=INIT_RANGE, attn_implementation="eager",
+    )
+    return transformers.BartModel(cfg)
+
+
+WHISPER_MELS, WHISPER_FRAMES = 8, 32  # the conv front end halves the frames: 16 encoder positions
+
+
+def _build_whisper():
+    cfg = transformers.WhisperConfig(
+        d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, vocab_size=VOCAB,
+        num_mel_bins=WHISPER_MELS, max_source_positions=WHISPER_FRAMES // 2, max_target_positions=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=INIT_RANGE,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, attn_implementation="eager",
+    )
+    return transformers.WhisperModel(cfg)
+
+
+def _encoder_decoder_layers(cfg) -> int:
+    # Self-attention per encoder layer; self- and cross-attention per decoder layer.
+    return cfg.encoder_layers + 2 * cfg.decoder_layers
+
+
 def _ids(seq_len: int) -> torch.Tensor:
     return torch.randint(1, VOCAB, (BATCH, seq_len))
 
@@ -171,6 +200,25 @@ CASES = [
 ]
 
 
+CASES += [
+    ModelCase(
+        "bart", _build_bart, _encoder_decoder_layers,
+        lambda: {"input_ids": _ids(20), "attention_mask": _padding_mask(20, 14), "decoder_input_ids": _ids(11)},
+        ("self_attn.q_proj", "self_attn.k_proj", "encoder_attn.q_proj", "encoder_attn.v_proj"),
+    ),
+    ModelCase(
+        "whisper", _build_whisper, _encoder_decoder_layers,
+        lambda: {"input_features": torch.randn(BATCH, WHISPER_MELS, WHISPER_FRAMES), "decoder_input_ids": _ids(9)},
+        ("self_attn.q_proj", "self_attn.k_proj", "encoder_attn.q_proj", "encoder_attn.v_proj"),
+    ),
+]
+
+
+def cast_floats(inputs: dict, dtype: torch.dtype) -> dict:
+    """The inputs for a model in ``dtype``: float inputs (Whisper's features) follow it, ids do not."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
 def _outputs(result) -> dict[str, torch.Tensor]:
     outs = {"last_hidden_state": result.last_hidden_state}
     if getattr(result, "encoder_last_hidden_state", None) is not None:
@@ -212,7 +260,7 @@ def test_eval_forward_fused_and_matches_eager(case: ModelCase):
         got = _outputs(compiled(**inputs))
         expected_layers = _check_counts(case, model)
         eager = _outputs(model(**inputs))
-        ref = _outputs(reference(**inputs))
+        ref = _outputs(reference(**cast_floats(inputs, torch.float64)))
         for name in ref:
             assert_close_to_reference(got[name], eager[name], ref[name], name=f"{case.name}.{name}")
 
@@ -262,7 +310,7 @@ def test_train_gradients_fused_and_match_eager(case: ModelCase):
     expected_layers = _check_counts(case, model)
     eager = _outputs(model(**inputs))
     _loss(eager).backward()
-    ref = _outputs(reference(**inputs))
+    ref = _outputs(reference(**cast_floats(inputs, torch.float64)))
     _loss(ref).backward()
 
     assert_outputs_and_grads_match(case.name, case.key_params, got, eager, ref, compiled_src, model, reference)

@@ -33,7 +33,7 @@ from e2e_util import FUSED_BACKWARD_OP, FUSED_OP, count_op_calls, projection_wei
 transformers = pytest.importorskip("transformers")
 
 from test_models import (  # noqa: E402
-    CASES, ModelCase, _check_counts, _ids, _outputs, _padding_mask, assert_outputs_and_grads_match,
+    CASES, WHISPER_MELS, ModelCase, _check_counts, cast_floats, _ids, _outputs, _padding_mask, assert_outputs_and_grads_match,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -61,6 +61,12 @@ SIZES = {
     "bert": dict(hidden_size=HIDDEN, num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
                  max_position_embeddings=1024, initializer_range=INIT_RANGE),
     "t5": dict(d_model=HIDDEN, d_kv=HEAD_DIM, num_heads=HEADS, d_ff=2 * HIDDEN),
+    "bart": dict(d_model=HIDDEN, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+                 encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, max_position_embeddings=1024,
+                 init_std=INIT_RANGE),
+    "whisper": dict(d_model=HIDDEN, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+                    encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, max_source_positions=150,
+                    max_target_positions=256, init_std=INIT_RANGE),
 }
 # Sequence lengths that are not multiples of any tile size; T5's decoder is shorter than its
 # encoder (cross attention with M != N).
@@ -71,6 +77,8 @@ INPUTS = {
     "gpt2": lambda: {"input_ids": _ids(257)},
     "bert": lambda: {"input_ids": _ids(200), "attention_mask": _padding_mask(200, 137)},
     "t5": lambda: {"input_ids": _ids(200), "attention_mask": _padding_mask(200, 151), "decoder_input_ids": _ids(131)},
+    "bart": lambda: {"input_ids": _ids(200), "attention_mask": _padding_mask(200, 143), "decoder_input_ids": _ids(131)},
+    "whisper": lambda: {"input_features": torch.randn(2, WHISPER_MELS, 300), "decoder_input_ids": _ids(77)},
 }
 BY_NAME = {c.name: c for c in CASES}
 PARAMS = [pytest.param(name, torch.bfloat16, id=f"{name}-bf16") for name in SIZES] + [
@@ -96,8 +104,8 @@ def _three_models(case: ModelCase, dtype: torch.dtype):
     return base.to(DEVICE, dtype), copy.deepcopy(base).to(DEVICE, dtype), copy.deepcopy(base).to(DEVICE, torch.float64)
 
 
-def _inputs(name: str) -> dict:
-    return {k: v.to(DEVICE) for k, v in INPUTS[name]().items()}
+def _inputs(name: str, dtype: torch.dtype) -> dict:
+    return cast_floats({k: v.to(DEVICE) for k, v in INPUTS[name]().items()}, dtype)
 
 
 def _loss(outs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -149,14 +157,14 @@ def test_gpu_eval_forward_fused_through_kernels(name, dtype, kernel_calls):
     model, compiled_src, reference = _three_models(case, dtype)
     for m in (model, compiled_src, reference):
         m.eval()
-    inputs = _inputs(name)
+    inputs = _inputs(name, dtype)
     compiled = torch.compile(compiled_src, backend="fusepass")
 
     with torch.no_grad():
         got = _outputs(compiled(**inputs))
         layers = _check_counts(case, model)
         eager = _outputs(model(**inputs))
-        ref = _outputs(reference(**inputs))
+        ref = _outputs(reference(**cast_floats(inputs, torch.float64)))
         for key in ref:
             assert got[key].dtype == dtype
             assert_close_to_reference(got[key], eager[key], ref[key], name=f"{name}.{key}")
@@ -179,7 +187,7 @@ def test_gpu_train_gradients_fused_through_kernels(name, dtype, kernel_calls):
     model, compiled_src, reference = _three_models(case, dtype)
     for m in (model, compiled_src, reference):
         m.train()
-    inputs = _inputs(name)
+    inputs = _inputs(name, dtype)
     compiled = torch.compile(compiled_src, backend="fusepass")
 
     got = _outputs(compiled(**inputs))
@@ -187,7 +195,7 @@ def test_gpu_train_gradients_fused_through_kernels(name, dtype, kernel_calls):
     layers = _check_counts(case, model)
     eager = _outputs(model(**inputs))
     _loss(eager).backward()
-    ref = _outputs(reference(**inputs))
+    ref = _outputs(reference(**cast_floats(inputs, torch.float64)))
     _loss(ref).backward()
 
     assert_outputs_and_grads_match(name, case.key_params, got, eager, ref, compiled_src, model, reference)

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .nodes import arg, fake, is_call, scalar_value, self_arg
 
@@ -47,10 +48,15 @@ class QK(NamedTuple):
 
 
 class PV(NamedTuple):
-    """out = p @ v with p [batch.., M, N] (softmax axis contracted) and v [batch.., N, Dv]."""
+    """out = p @ v with p [batch.., M, N] (softmax axis contracted) and v [batch.., N, Dv].
+
+    ``out_perm``: an einsum may lay its output out in another order ("bhij,bjhd->bihd");
+    permuting [batch.., M, Dv] by it gives the user's layout.  None = as is.
+    """
 
     p: fx.Node
     v: Operand
+    out_perm: Optional[tuple[int, ...]] = None
 
 
 _MATMUL = (torch.matmul, operator.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm)
@@ -175,7 +181,8 @@ def read_pv(node: fx.Node) -> Optional[PV]:
         pv = PV(p, Operand(v, None))
     elif is_call(node, torch.einsum):
         eq, ops = _einsum_args(node)
-        pv = PV(ops[0], Operand(ops[1], _einsum_pv(eq, ops)))
+        v_perm, out_perm = _einsum_pv(eq, ops)
+        pv = PV(ops[0], Operand(ops[1], v_perm), out_perm)
     elif is_contraction(node):
         raise Refusal(f"second contraction {node.target} is not of the form P @ V")
     else:
@@ -223,18 +230,20 @@ def _expand_ellipsis(eq: str, ops: list) -> tuple[list[str], str]:
 
 
 def _einsum_split(eq: str, ops: list):
+    """The axes of a two-operand einsum read from its subscripts, whatever their letters and order:
+    (lhs, rhs, out, contracted axis, lhs's free axis, rhs's free axis)."""
     (lhs, rhs), out = _expand_ellipsis(eq, ops)
-    if len(set(lhs)) != len(lhs) or len(set(rhs)) != len(rhs):
+    if len(set(lhs)) != len(lhs) or len(set(rhs)) != len(rhs) or len(set(out)) != len(out):
         raise Refusal("einsum with a repeated index (diagonal)")
     contracted = [c for c in lhs if c in rhs and c not in out]
-    batch = [c for c in out if c in lhs and c in rhs]
     free_l = [c for c in lhs if c not in rhs]
     free_r = [c for c in rhs if c not in lhs]
+    batch = [c for c in lhs if c in rhs and c in out]
     if len(contracted) != 1 or len(free_l) != 1 or len(free_r) != 1:
         raise Refusal(f"einsum {eq!r} is not one contraction with one free axis per operand")
-    if out != "".join(batch) + free_l[0] + free_r[0] or len(batch) + 2 != len(out):
-        raise Refusal(f"einsum {eq!r} output is not laid out as [batch.., rows, cols]")
-    return lhs, rhs, batch, contracted[0], free_l[0], free_r[0]
+    if sorted(out) != sorted(batch + free_l + free_r):
+        raise Refusal(f"einsum {eq!r} sums over an axis of one operand only")
+    return lhs, rhs, out, contracted[0], free_l[0], free_r[0]
 
 
 def _perm(term: str, order: list[str]) -> Optional[tuple[int, ...]]:
@@ -243,21 +252,29 @@ def _perm(term: str, order: list[str]) -> Optional[tuple[int, ...]]:
 
 
 def _einsum_qk(eq: str, ops: list):
-    lhs, rhs, batch, d, i, j = _einsum_split(eq, ops)
+    """Scores must come out as [batch.., i, j] (softmax over the last axis reads keys); q and k
+    may be laid out in any order ("bihd,bjhd->bhij")."""
+    lhs, rhs, out, d, i, j = _einsum_split(eq, ops)
+    batch = list(out[:-2])
+    if out[-2:] != i + j:
+        raise Refusal(f"einsum {eq!r}: scores are not laid out as [batch.., queries, keys]")
     return _perm(lhs, batch + [i, d]), _perm(rhs, batch + [j, d])
 
 
 def _einsum_pv(eq: str, ops: list):
-    lhs, rhs, batch, j, i, d = _einsum_split(eq, ops)
-    if _perm(lhs, batch + [i, j]) is not None:
+    """P must be read in its own layout [batch.., i, j]; V and the output may be in any order
+    ("bhij,bjhd->bihd"). Returns (V's permutation, the output's permutation)."""
+    lhs, rhs, out, j, i, d = _einsum_split(eq, ops)
+    batch = list(lhs[:-2])
+    if lhs[-2:] != i + j:
         raise Refusal(f"einsum {eq!r}: P is not laid out as [batch.., queries, keys]")
-    return _perm(rhs, batch + [j, d])
+    return _perm(rhs, batch + [j, d]), _perm("".join(batch + [i, d]), list(out))
 
 
 # ---------------------------------------------------------------- GQA
 class Repeat(NamedTuple):
     source: fx.Node  # [B, Hkv, N, D]
-    groups: int
+    groups: object  # an int, or a SymInt when Dynamo made the head counts dynamic
     how: str
 
 
@@ -269,9 +286,14 @@ def read_repeat(node: fx.Node) -> Optional[Repeat]:
     if is_call(node, torch.repeat_interleave, torch.Tensor.repeat_interleave, methods=("repeat_interleave",)):
         src = self_arg(node)
         reps, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
-        if isinstance(reps, int) and isinstance(dim, int) and dim % 4 == 1 and fake(src) is not None:
-            return Repeat(src, reps, "repeat_interleave")
-        return None
+        if isinstance(reps, fx.Node):  # a symbolic count (q.shape[1] // k.shape[1] under dynamic shapes)
+            reps = reps.meta.get("example_value")
+        if not isinstance(reps, (int, torch.SymInt)) or not isinstance(dim, int) or dim % 4 != 1:
+            return None
+        s = fake(src)
+        if s is None or not _same(out.shape, (s.shape[0], s.shape[1] * reps, *s.shape[2:])):
+            return None
+        return Repeat(src, reps, "repeat_interleave")
     if not is_call(node, torch.reshape, torch.Tensor.reshape, torch.Tensor.view,
                    methods=("reshape", "view", "flatten")):
         return None
@@ -285,9 +307,14 @@ def read_repeat(node: fx.Node) -> Optional[Repeat]:
         return None
     s = fake(src)
     B, Hkv, G, N, D = ex.shape
-    if tuple(s.shape) != (B, Hkv, N, D) or tuple(out.shape) != (B, Hkv * G, N, D):
+    if not (_same(s.shape, (B, Hkv, N, D)) and _same(out.shape, (B, Hkv * G, N, D))):
         return None
-    return Repeat(src, int(G), "repeat_kv")
+    return Repeat(src, G, "repeat_kv")
+
+
+def _same(a, b) -> bool:
+    """Shapes equal for every value of their symbols (never a guard)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _unsqueezed_at_2(node) -> Optional[fx.Node]:

@@ -58,6 +58,7 @@ class Match:
     masks: list[Mask]
     mask_fill: float
     dropout_p: float
+    out_perm: Optional[tuple] = None  # einsum output order: permute the op's [B, H, M, Dv] by it
     gqa_groups: int = 1
     gqa_source: str = ""
     # Run-time scale factors (symbolic floats): the rewrite folds them into q.
@@ -149,7 +150,7 @@ def _walk_scores(softmax_in: fx.Node) -> tuple[QK, fx.Node, list[fx.Node]]:
         steps.append(node)
         nxt = _score_step_input(node)
         if nxt is None:
-            raise Refusal(f"unsupported op between Q·Kᵀ and softmax: {_describe(node)}")
+            raise Refusal(f"unsupported op between Q·Kᵀ and softmax: {nodes.describe(node)}")
         node = nxt
     raise Refusal("no contraction found within the score chain")
 
@@ -244,13 +245,8 @@ def _walk_probs(softmax: fx.Node) -> tuple[PV, fx.Node, float]:
                 dropout_p = drop.p
             node = user
             continue
-        raise Refusal(f"unsupported op between softmax and P·V: {_describe(user)}")
+        raise Refusal(f"unsupported op between softmax and P·V: {nodes.describe(user)}")
     raise Refusal("no second contraction after softmax")
-
-
-def _describe(node: fx.Node) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} {target}"
 
 
 def _strip_scalar_scale(op: Operand) -> tuple[Operand, float]:
@@ -281,7 +277,7 @@ def match_site(softmax_node: fx.Node) -> Match:
         softmax=softmax_node, out_node=out_node, q=q, k=k, v=pv.v, scores_rank=score_ev.dim(),
         scale=scale, softcap=softcap, biases=state.biases, masks=state.masks,
         mask_fill=state.fill if state.fill is not None else -math.inf, dropout_p=dropout_p,
-        symbolic_scale=state.symbolic,
+        symbolic_scale=state.symbolic, out_perm=pv.out_perm,
     )
     _check_served(match)
     _native_gqa(match)
@@ -311,7 +307,7 @@ def _native_gqa(m: Match) -> None:
     if m.k.perm is not None or m.v.perm is not None:
         return
     rk, rv = read_repeat(m.k.node), read_repeat(m.v.node)
-    if rk is None or rv is None or rk.groups != rv.groups or rk.how != rv.how:
+    if rk is None or rv is None or not statically_known_true(rk.groups == rv.groups) or rk.how != rv.how:
         return
     m.k, m.v = Operand(rk.source, None), Operand(rv.source, None)
     m.gqa_groups, m.gqa_source = rk.groups, rk.how

@@ -63,7 +63,9 @@ def scalar_value(x: Any) -> Optional[float]:
     else:
         value = arg(x, 0, "data" if x.target is not torch.scalar_tensor else "s")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        # Eager multiplies by the value as stored: torch.tensor(0.3, dtype=torch.bfloat16) is 0.30078125.
+        ev = fake(x)
+        return float(torch.tensor(value, dtype=ev.dtype).item()) if ev is not None else float(value)
     return None
 
 
@@ -75,9 +77,20 @@ def symbolic_scalar(x: Any) -> Optional[fx.Node]:
     return x if isinstance(ev, (torch.SymFloat, torch.SymInt)) else None
 
 
+def size_hint(size: Any) -> int:
+    """A size as an int: itself, or a symbolic size's value in the example Dynamo traced."""
+    return size if isinstance(size, int) else int(size.node.hint)
+
+
 def symbolic_hint(node: fx.Node) -> float:
     ev = node.meta.get("example_value", node.meta.get("val"))
     return float(ev.node.hint)
+
+
+def describe(node: fx.Node) -> str:
+    """``call_method masked_fill_``: the op of a node, for refusal reasons."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
 
 
 def is_tensor_node(x: Any) -> bool:
