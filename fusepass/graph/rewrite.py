@@ -125,7 +125,8 @@ def describe(m: Match, location: str) -> AttentionSpec:
         dtype=str(q_ev.dtype).replace("torch.", ""), device=q_ev.device.type,
         scale=m.scale * math.prod(f.hint() for f in m.symbolic_scale), softcap=m.softcap, dropout_p=m.dropout_p, gqa_groups=groups, gqa_source=source,
         bias_shapes=tuple(tuple(nodes.fake(b.node).shape) for b in m.biases),
-        bias_requires_grad=tuple(bool(nodes.fake(b.node).requires_grad) for b in m.biases),
+        # Dynamo compiles under the grad mode it traced in: under no_grad no bias gets a gradient.
+        bias_requires_grad=tuple(bool(nodes.fake(b.node).requires_grad) and torch.is_grad_enabled() for b in m.biases),
         mask=predicates.description(m), mask_fill=m.mask_fill,
         skipped_fraction=predicates.skipped_fraction(m, qs[2], ks[2]),
     )
