@@ -18,19 +18,16 @@ from fusepass.autotune.cache import TuneCache
 from fusepass.autotune.config import KernelConfig
 
 REPO = Path(__file__).resolve().parents[1]
-# ``python -m fusepass`` runs fusepass/__init__.py, which imports torch and the backend (seconds
-# per process).  Most calls below use this launcher instead: the same ``main`` in a fresh
-# process, with the package's __init__ skipped, and it checks the cache commands need no torch.
+# The same ``main`` as ``python -m fusepass`` in a fresh process, through the real package
+# (whose __init__ loads torch only when a name needs it): the cache commands must not import it.
 LIGHT = textwrap.dedent(f"""
-    import sys, types
-    _pkg = types.ModuleType("fusepass"); _pkg.__path__ = [{str(REPO / 'fusepass')!r}]
-    sys.modules["fusepass"] = _pkg
+    import sys
+    sys.path.insert(0, {str(REPO)!r})
     from fusepass.cli import main
     rc = main(sys.argv[1:])
     assert "torch" not in sys.modules, "cache commands must not import torch"
     sys.exit(rc)
 """)
-
 KEYS = {
     "h200_bf16_fwd": make_key(),
     "h200_bf16_bwd": make_key(direction="bwd", seq_q=4000, seq_k=4000),
