@@ -10,8 +10,9 @@
     fusepass kernel ...                          commands of fusepass.kernels.cli, when present
 
 Filters: ``--gpu TEXT`` (substring of the GPU name), ``--dtype bf16``, ``--head-dim 128``,
-``--direction fwd|bwd``, ``--stale`` / ``--current``.  Exit status: 0 on success, 1 for an
-error (no cache, unreadable file, unknown key), 2 for bad arguments.
+``--direction fwd|bwd``, ``--stale`` / ``--current``; ``--cache-dir DIR`` before or after the
+action.  A cache not created yet reads as empty.  Exit status: 0 on success, 1 for an error
+(unreadable file, unknown key, bad kernel predicate), 2 for bad arguments.
 
 The ``cache`` commands import neither torch nor triton, so they start fast.
 """
@@ -61,14 +62,12 @@ def _cache(args: argparse.Namespace) -> TuneCache:
     return TuneCache(args.cache_dir)
 
 
-def _require_cache(cache: TuneCache) -> None:
-    if not cache.exists():
-        where = "FUSEPASS_CACHE_DIR" if os.environ.get("FUSEPASS_CACHE_DIR") else "the default cache directory"
-        raise CliError(f"no autotune cache at {cache.path} (nothing tuned yet in {where}, or --cache-dir points elsewhere)")
-
-
 def _load(cache: TuneCache) -> tuple[dict[TuneKey, CacheEntry], dict[TuneKey, str]]:
-    _require_cache(cache)
+    """The cache's entries; a cache not created yet is an empty one (as ``pip list`` on a fresh
+    environment), with a note on stderr saying where it would be."""
+    if not cache.exists():
+        print(f"fusepass: note: no autotune cache at {cache.path} yet (nothing tuned here)", file=sys.stderr)
+        return {}, {}
     try:
         raw = cache.read_raw(strict=True)
     except CacheFileError as e:
@@ -184,8 +183,14 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class EmptyCache(Exception):
+    """'cache show' on a cache with no entries: reported as empty, exit status 0."""
+
+
 def _find(cache: TuneCache, text: str) -> tuple[TuneKey, CacheEntry, str]:
     entries, reasons = _load(cache)
+    if not entries:
+        raise EmptyCache(f"the autotune cache at {cache.path} is empty: no key {text!r}")
     if text.startswith("k1;"):
         try:
             key = TuneKey.from_string(text)
@@ -239,7 +244,9 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
 
 def cmd_cache_clear(args: argparse.Namespace) -> int:
     cache = _cache(args)
-    _require_cache(cache)
+    if not cache.exists():
+        print(f"nothing to clear: no autotune cache at {cache.path}")
+        return EXIT_OK
     if not _has_filters(args):
         try:
             count = len(cache.read_raw(strict=True))
@@ -327,42 +334,53 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     group.add_argument("--current", action="store_true", help="only entries this install would use")
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser(with_kernel_commands: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusepass", description="fusepass: fused attention for torch.compile — tools.",
     )
+    parser.add_argument("--version", action="version", version=f"fusepass {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     cache = sub.add_parser("cache", help="inspect and manage the autotune cache")
     cache.add_argument("--cache-dir", metavar="DIR", default=None,
                        help="cache directory (default: $FUSEPASS_CACHE_DIR or the user cache dir)")
     csub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    # Also accepted after the action ('fusepass cache list --cache-dir DIR'); SUPPRESS keeps
+    # the action's parser from overwriting a value given before it.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--cache-dir", metavar="DIR", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    p = csub.add_parser("path", help="print the cache file's path")
+    p = csub.add_parser("path", parents=[after], help="print the cache file's path")
     p.add_argument("--dir", action="store_true", help="print the directory instead of the file")
     p.set_defaults(func=cmd_cache_path)
 
-    p = csub.add_parser("list", help="one row per tuned key")
+    p = csub.add_parser("list", parents=[after], help="one row per tuned key")
     _add_filters(p)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_cache_list)
 
-    p = csub.add_parser("show", help="one key in full, with runner-up timings")
+    p = csub.add_parser("show", parents=[after], help="one key in full, with runner-up timings")
     p.add_argument("key", metavar="KEY", help="an id (or its first 4+ characters) from 'cache list', or a key string")
     p.add_argument("--json", action="store_true", help="JSON instead of tables")
     p.set_defaults(func=cmd_cache_show)
 
-    p = csub.add_parser("clear", help="remove entries (all of them when no filter is given)")
+    p = csub.add_parser("clear", parents=[after], help="remove entries (all of them when no filter is given)")
     _add_filters(p)
     p.set_defaults(func=cmd_cache_clear)
 
-    p = csub.add_parser("export", help="write entries to FILE (for another machine with the same GPU)")
+    p = csub.add_parser("export", parents=[after], help="write entries to FILE (for another machine with the same GPU)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     _add_filters(p)
     p.set_defaults(func=cmd_cache_export)
 
-    p = csub.add_parser("import", help="merge FILE (from 'cache export') into the cache")
+    p = csub.add_parser("import", parents=[after], help="merge FILE (from 'cache export') into the cache")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=cmd_cache_import)
 
@@ -398,6 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except CacheFileError as e:
         print(f"fusepass: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except EmptyCache as e:
+        print(f"fusepass: {e}")
+        return EXIT_OK
+    except ValueError as e:  # a bad --pred or size reaching a kernel command: its message, no traceback
+        if argv[:1] != ["kernel"]:
+            raise
+        print(f"fusepass: error: {str(e).removeprefix('fusepass: ')}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `fusepass cache list | head`
         return EXIT_OK

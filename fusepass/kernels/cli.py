@@ -8,17 +8,30 @@ import logging
 log = logging.getLogger(__name__)
 
 
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    return parse
+
+
 def add_cli_commands(subparsers) -> None:
     kernel = subparsers.add_parser("kernel", help="generated Triton kernels")
     sub = kernel.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
     show = sub.add_parser("show", help="print the generated source of a kernel variant")
     show.add_argument("direction", choices=["fwd", "bwd"])
     show.add_argument("--pred", default="", help="mask predicate, e.g. 'j <= i + (N - M)'")
-    show.add_argument("--head-dim", type=int, default=64)
-    show.add_argument("--v-head-dim", type=int, default=None)
-    show.add_argument("--biases", type=int, default=0)
+    show.add_argument("--head-dim", type=_int_in(1, 4096), default=64)
+    show.add_argument("--v-head-dim", type=_int_in(1, 4096), default=None)
+    show.add_argument("--biases", type=_int_in(0, 8), default=0)
     show.add_argument("--bias-grad", default="", help="comma list per bias: store, atomic, atomic_m, ...")
-    show.add_argument("--masks", type=int, default=0)
+    show.add_argument("--masks", type=_int_in(0, 8), default=0)
     show.add_argument("--softcap", action="store_true")
     show.add_argument("--dropout", action="store_true")
     show.add_argument("--finite-fill", action="store_true")
