@@ -12,11 +12,11 @@ from fusepass.masks.predicate import dense_keep
 from fusepass.ops import dropout as dr
 
 
-def dense_attention(q, k, v, biases, masks, seed, scale, softcap, p, fill, expr, args, grad_safe=False):
+def dense_attention(q, k, v, biases, masks, seed, scale, softcap, p, fill, expr, args):
     """The op's formula on whole tensors, in the dtype of q (float64 for the reference).
 
-    ``grad_safe``: rows that see no key under a -inf fill give 0 instead of NaN, so that their
-    NaN does not spread through autograd into every dK/dV (the kernels give them no gradient)."""
+    Rows that see no key under a -inf fill are NaN and spread NaN into dV (and into dQ/dK
+    where a bias made them -inf), as eager's do; the op returns the same."""
     G = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(G, 1)
     v = v.repeat_interleave(G, 1)
@@ -32,14 +32,8 @@ def dense_attention(q, k, v, biases, masks, seed, scale, softcap, p, fill, expr,
     if expr:
         keep = keep & dense_keep(expr, B, H, M, N, args, device=s.device)
     s = torch.where(keep, s, torch.tensor(fill, dtype=s.dtype, device=s.device))
-    dead = None
-    if grad_safe and math.isinf(fill):
-        dead = ~keep.any(-1, keepdim=True)
-        s = torch.where(dead, 0.0, s)
     lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, -1)
     pm = torch.softmax(s.float() if s.dtype != torch.float64 else s, -1).to(s.dtype)
-    if dead is not None:
-        pm = torch.where(dead, 0.0, pm)
     if p > 0:
         rows = torch.arange(B * H * M, device=s.device).view(B, H, M, 1)
         cols = torch.arange(N, device=s.device).view(1, 1, 1, N)
@@ -102,8 +96,8 @@ def run_case(case: Case, device="cpu", backward=True, factor=4.0):
     need = [case.bias_grad] * len(biases)
     do = torch.randn_like(out)
     dq, dk, dv, dbs = attention_backward(do, q, k, v, out, lse, biases, masks, *feats, need)
-    ref, _ = dense_attention(*leaves64[:3], leaves64[3:], masks, *feats, grad_safe=True)
-    eager, _ = dense_attention(*leaves[:3], leaves[3:], masks, *feats, grad_safe=True)
+    ref, _ = dense_attention(*leaves64[:3], leaves64[3:], masks, *feats)
+    eager, _ = dense_attention(*leaves[:3], leaves[3:], masks, *feats)
     g64 = torch.autograd.grad(ref, leaves64, do.double())
     g = torch.autograd.grad(eager, leaves, do)
     names = ["dq", "dk", "dv"] + [f"dbias{i}" for i in range(len(biases))]

@@ -6,6 +6,7 @@ so an element a kernel forgets to write fails the comparison.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -13,10 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from fusepass.kernels import blockmap, launch_common, render  # noqa: E402
+from fusepass.kernels import blockmap, launch_common, render, support  # noqa: E402
 from fusepass.kernels.predicate_triton import to_triton  # noqa: E402
-from fusepass.kernels.support import fallback_reason  # noqa: E402
+from fusepass.kernels.support import fallback_reason, fp32_dot_precision  # noqa: E402
+from fusepass.masks.predicate import dense_keep  # noqa: E402
 
+import kernel_cases  # noqa: E402
 from kernel_cases import Case, dense_attention, run_case  # noqa: E402
 
 
@@ -71,14 +74,55 @@ def test_features(name):
     run_case(FEATURES[name])
 
 
-def test_fp32_follows_tf32_setting(monkeypatch):
+@contextlib.contextmanager
+def _cuda_fp32_matmul(tf32: bool, api: str):
+    """CUDA fp32 matmuls set to TF32 or IEEE through ``api`` ("fp32_precision", torch >= 2.9, or
+    the legacy "allow_tf32"), and restored afterwards through the same API."""
+    matmul = torch.backends.cuda.matmul
+    old = getattr(matmul, api)
+    setattr(matmul, api, ("tf32" if tf32 else "ieee") if api == "fp32_precision" else tf32)
+    try:
+        yield
+    finally:
+        setattr(matmul, api, old)
+
+
+def _has_fp32_precision() -> bool:
+    return getattr(torch.backends.cuda.matmul, "fp32_precision", None) is not None
+
+
+def _preferred_api() -> str:
+    # Once the new API is used, reading allow_tf32 raises on torch >= 2.9: use the new one there.
+    return "fp32_precision" if _has_fp32_precision() else "allow_tf32"
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_dot_precision_follows_torch_setting(tf32):
+    want = "tf32" if tf32 else "ieee"
+    with _cuda_fp32_matmul(tf32, _preferred_api()):
+        assert fp32_dot_precision() == want
+    if _has_fp32_precision():
+        # The global setting, inherited while the matmul setting is unset ("none").
+        backends, matmul = torch.backends, torch.backends.cuda.matmul
+        old_global, old_matmul = backends.fp32_precision, matmul.fp32_precision
+        try:
+            matmul.fp32_precision = "none"
+            backends.fp32_precision = want
+            assert fp32_dot_precision() == want
+        finally:
+            backends.fp32_precision = old_global
+            matmul.fp32_precision = old_matmul
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_follows_tf32_setting(tf32):
+    """fp32 kernels use TF32 dots exactly when PyTorch's CUDA fp32 matmuls do, set through the
+    API this torch has (torch 2.13: reading the legacy allow_tf32 after the new setting raises)."""
     from fusepass.kernels.spec import KernelSpec
 
     q = torch.randn(1, 1, 4, 16)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert KernelSpec.from_op(q, q, q, [], [], 0.0, 0.0, -math.inf, "", []).precision == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert KernelSpec.from_op(q, q, q, [], [], 0.0, 0.0, -math.inf, "", []).precision == "tf32"
+    with _cuda_fp32_matmul(tf32, _preferred_api()):
+        assert KernelSpec.from_op(q, q, q, [], [], 0.0, 0.0, -math.inf, "", []).precision == ("tf32" if tf32 else "ieee")
 
 
 def _dropout_out(p, N=64, seed=99):
@@ -185,3 +229,74 @@ def test_op_runs_kernels_under_interpret(monkeypatch):
     ref.sum().backward()
     for t, r in zip((q, k, v, bias), leaves):
         torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
+
+
+EMPTY_SHAPES = [  # (B, Hq, Hkv, M, N)
+    (0, 4, 2, 5, 7),
+    (2, 4, 2, 0, 7),
+    (2, 4, 2, 5, 0),
+    (2, 0, 0, 5, 7),
+    (0, 2, 2, 0, 0),
+]
+
+
+def _eager_empty(q, k, v, bias, mask, expr):
+    """The op's formula in eager PyTorch (what a model computes), for empty problems."""
+    G = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = q @ k.transpose(-1, -2) * 0.25 + bias
+    keep = mask & dense_keep(expr, *s.shape, [], device=s.device)
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s.float(), -1).to(v.dtype) @ v, torch.logsumexp(s.float(), -1)
+
+
+def check_empty(shape, device, monkeypatch):
+    """No rows, no keys or no heads: eager's values (no keys: out 0, lse -inf; gradients 0),
+    through the op and its autograd, and no kernel is rendered or launched."""
+    import fusepass.kernels.backward as kb
+    import fusepass.kernels.forward as kf
+
+    def no_kernel(*a, **kw):
+        raise AssertionError("a kernel was loaded for an empty problem")
+
+    monkeypatch.setattr(kf, "kernel_module", no_kernel)
+    monkeypatch.setattr(kb, "kernel_module", no_kernel)
+    B, Hq, Hkv, M, N = shape
+    q = torch.randn(B, Hq, M, 16, device=device, requires_grad=True)
+    k = torch.randn(B, Hkv, N, 16, device=device, requires_grad=True)
+    v = torch.randn(B, Hkv, N, 8, device=device, requires_grad=True)
+    bias = torch.randn(B, 1, M, N, device=device, requires_grad=True)
+    mask = torch.ones(1, 1, 1, N, dtype=torch.bool, device=device)
+    out, lse = torch.ops.fusepass.attention(q, k, v, [bias], [mask], torch.tensor(3), 0.25, 0.0, 0.0,
+                                            float("-inf"), CAUSAL, [])
+    want, want_lse = _eager_empty(q, k, v, bias, mask, CAUSAL)
+    assert out.shape == want.shape and out.dtype == want.dtype and torch.equal(out, want)
+    assert lse.shape == want_lse.shape and lse.dtype == torch.float32 and torch.equal(lse, want_lse)
+    grads = torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out), allow_unused=True)
+    want_grads = torch.autograd.grad(want, (q, k, v, bias), torch.ones_like(want), allow_unused=True)
+    for name, g, w, t in zip(("dq", "dk", "dv", "dbias"), grads, want_grads, (q, k, v, bias)):
+        w = torch.zeros_like(t) if w is None else w
+        assert g.shape == t.shape and torch.equal(g, w), name
+    # The launchers themselves, called directly, too.
+    from fusepass.kernels.backward import attention_backward
+    from fusepass.kernels.forward import attention_forward
+
+    feats = (None, 0.25, 0.0, 0.0, float("-inf"), CAUSAL, [])
+    out2, lse2 = attention_forward(q.detach(), k.detach(), v.detach(), [bias.detach()], [mask], *feats)
+    assert torch.equal(out2, want) and torch.equal(lse2, want_lse)
+    g2 = attention_backward(torch.ones_like(out2), q.detach(), k.detach(), v.detach(), out2, lse2, [bias.detach()],
+                            [mask], *feats, [True])
+    assert all(torch.equal(a, torch.zeros_like(a)) for a in (*g2[:3], *g2[3]))
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "B%d_Hq%d_Hkv%d_M%d_N%d" % s)
+def test_empty_problems(shape, monkeypatch):
+    monkeypatch.setattr(support, "_interpret_option", None)  # a compile's option would win
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    check_empty(shape, "cpu", monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "B%d_Hq%d_Hkv%d_M%d_N%d" % s)
+def test_empty_problems_gpu(shape, monkeypatch):
+    check_empty(shape, "cuda", monkeypatch)

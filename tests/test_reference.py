@@ -422,3 +422,69 @@ def test_invalid_inputs_raise_value_error(make, match):
     q, k, v, kwargs = make(*_qkv())
     with pytest.raises(ValueError, match=match):
         fused_attention(q, k, v, **kwargs)
+
+
+EMPTY_SHAPES = [  # (B, Hq, Hkv, M, N)
+    (0, 4, 2, 5, 7),
+    (2, 4, 2, 0, 7),
+    (2, 4, 2, 5, 0),
+    (2, 0, 0, 5, 7),
+    (0, 2, 2, 0, 0),
+]
+
+
+def _check_empty(shape, device, dtype):
+    """Empty problems get eager's values: no rows or heads give empty outputs; no keys give
+    out = 0 (a sum over no keys), lse = -inf and zero gradients.  The fake agrees on shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, Hq, Hkv, M, N = shape
+    q = torch.randn(B, Hq, M, 16, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, N, 16, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, N, 8, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(B, 1, M, N, device=device, dtype=dtype, requires_grad=True)
+    mask = torch.ones(1, 1, 1, N, dtype=torch.bool, device=device)
+    seed = torch.tensor(3, dtype=torch.int64)
+    args = ([bias], [mask], seed, 0.25, 0.0, 0.0, float("-inf"), CAUSAL, [])
+    out, lse = torch.ops.fusepass.attention(q, k, v, *args)
+    # Eager: what a model computes.
+    G = Hq // Hkv if Hkv else 1
+    s = q @ k.repeat_interleave(G, 1).transpose(-1, -2) * 0.25 + bias
+    s = s.masked_fill(~(mask & dense_keep(CAUSAL, B, Hq, M, N, [], device=device)), float("-inf"))
+    want = torch.softmax(s, -1) @ v.repeat_interleave(G, 1)
+    assert out.shape == want.shape and torch.equal(out, want)
+    assert lse.shape == (B, Hq, M) and lse.dtype == torch.float32 and torch.equal(lse, torch.logsumexp(s, -1).float())
+    grads = torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out))
+    want_grads = torch.autograd.grad(want, (q, k, v, bias), torch.ones_like(want), allow_unused=True)
+    for name, g, w, t in zip(("dq", "dk", "dv", "dbias"), grads, want_grads, (q, k, v, bias)):
+        w = torch.zeros_like(t) if w is None else w
+        assert g.shape == t.shape and torch.equal(g, w), name
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fb = (mode.from_tensor(t) for t in (q, k, v, bias))
+        fout, flse = torch.ops.fusepass.attention(fq, fk, fv, [fb], [mode.from_tensor(mask)], mode.from_tensor(seed),
+                                                  *args[3:])
+    assert fout.shape == out.shape and flse.shape == lse.shape
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "B%d_Hq%d_Hkv%d_M%d_N%d" % s)
+def test_empty_problems(shape, monkeypatch):
+    from fusepass.kernels import support
+
+    monkeypatch.setattr(support, "_interpret_option", None)  # a compile's option would win
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "0")
+    _check_empty(shape, "cpu", torch.float32)
+    # The reference's functions themselves, called directly.
+    B, Hq, Hkv, M, N = shape
+    q, k, v = torch.randn(B, Hq, M, 16), torch.randn(B, Hkv, N, 16), torch.randn(B, Hkv, N, 8)
+    feats = (None, 0.25, 0.0, 0.0, float("-inf"), "", [])
+    out, lse = reference.attention_forward(q, k, v, [], [], *feats)
+    assert torch.equal(out, torch.zeros(B, Hq, M, 8)) and torch.equal(lse, torch.full((B, Hq, M), -math.inf))
+    for g, t in zip(reference.attention_backward(torch.ones_like(out), q, k, v, out, lse, [], [], *feats, [])[:3],
+                    (q, k, v)):
+        assert torch.equal(g, torch.zeros_like(t))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "B%d_Hq%d_Hkv%d_M%d_N%d" % s)
+def test_empty_problems_gpu_reference(shape):
+    _check_empty(shape, "cuda", torch.float64)  # float64: the kernels do not serve it

@@ -1,6 +1,9 @@
-"""Backward launcher: templates/attention_bwd.py.jinja -> three kernels -> ``attention_backward``.
+"""Backward launcher: templates/attention_bwd.py.jinja -> three or four kernels -> ``attention_backward``.
 
-Grids: ``attn_bwd_pre`` one program per (BLOCK_M query rows, b*Hq + h); ``attn_bwd_dkdv`` one
+Grids: ``attn_bwd_pre`` one program per (BLOCK_M query rows, b*Hq + h) (Delta, and the flags of
+rows whose every score is -inf); with biases ``attn_bwd_rowstats``, like ``attn_bwd_dq``, one
+program per (BLOCK_N query rows, b*Hq + h) (the row statistics that replace a too coarse
+fp32 lse: see the template); ``attn_bwd_dkdv`` one
 program per (BLOCK_N keys, b*Hkv + hkv), looping over the G query heads of the group and
 their query tiles in steps of BLOCK_M (GQA: K/V read once, dK/dV summed in registers; no
 atomics); ``attn_bwd_dq`` one program per (BLOCK_N query rows, b*Hq + h) stepping over key
@@ -21,7 +24,8 @@ from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
 from .heuristics import ConfigQuery, choose
-from .launch_common import cdiv, spec_module, extra_args, head_dims, launch_fitting, new_like, new_output, scalar_args, seed_tensor, strides4
+from .launch_common import (cdiv, extra_args, head_dims, launch_fitting, natural_units, new_like, new_output, scalar_args,
+                            seed_tensor, spec_module, strides4)
 from .spec import KernelSpec, padded_head_dim
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,11 @@ def attention_backward(
     """dq, dk, dv (shapes and dtypes of q, k, v) and one gradient per bias (empty if not needed)."""
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    if B * Hq * M == 0 or N == 0:
+        # Nothing to launch: no score exists, so every gradient is a sum of nothing (zeros).
+        dbiases = [torch.zeros(b.shape, dtype=b.dtype, device=b.device) if need else b.new_empty((0,))
+                   for b, need in zip(biases, bias_needs_grad)]
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbiases
     spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args,
                               bias_needs_grad=bias_needs_grad)
     interpret = q.device.type != "cuda"
@@ -69,15 +78,16 @@ def attention_backward(
             dbiases.append(acc)
             finish.append((len(dbiases) - 1, b.dtype))
             db_args += [acc, *strides4(acc)]
-    if B * Hq * M == 0 or N == 0:
-        for t in (dq, dk, dv, *(g for g, mode in zip(dbiases, spec.bias_grad) if mode)):
-            t.zero_()
-        for i, dtype in finish:
-            dbiases[i] = dbiases[i].to(dtype)
-        return dq, dk, dv, dbiases
+    G = Hq // Hkv
     delta = new_output((B, Hq, M), torch.float32, q.device)
+    # Per (batch, kv head): 1 when a row of its group has every score -inf (attn_bwd_pre).
+    nan_rows = torch.zeros((B * Hkv,), dtype=torch.int32, device=q.device)
+    shift = rowl2 = None
+    if natural_units(spec):
+        shift = new_output((B, Hq, M), torch.float32, q.device)
+        rowl2 = new_output((B, Hq, M), torch.float32, q.device)
     seed_t = seed_tensor(seed, q.device) if spec.dropout else None
-    common_tail = [Hq, Hq // Hkv, M, N, *scalar_args(spec, scale, softcap, dropout_p, mask_fill, N)]
+    common_tail = [Hq, G, M, N, *scalar_args(spec, scale, softcap, dropout_p, mask_fill, N)]
     extras = extra_args(biases, masks, mask_args)
     by_col = by_row = None
     if spec.block_map:
@@ -91,17 +101,25 @@ def attention_backward(
                                      q.device, by="row", data=data_q)
     with render.interpreting() if interpret else contextlib.nullcontext():
         mod.attn_bwd_pre[(cdiv(M, _PRE_BLOCK_M), B * Hq)](
-            out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), Hq, M,
+            out, grad_out, lse, delta, nan_rows, *out.stride(), *grad_out.stride(), Hq, G, M,
             HEAD_DIM_V=Dv, HEAD_DIM_V_P=padded_head_dim(Dv), BLOCK_M=_PRE_BLOCK_M,
         )
+        if shift is not None:
+            # Tiles shaped like attn_bwd_dq's (which fit whenever dq's do); only query tiles
+            # holding a row with a coarse lse loop over the keys.
+            launch_fitting(("rowstats", spec), cfg, lambda c: mod.attn_bwd_rowstats[(cdiv(M, c.BLOCK_N), B * Hq)](
+                q, k, lse, shift, rowl2, *extras, *q.stride(), *k.stride(),
+                *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_N, BLOCK_N=c.BLOCK_M,
+                num_warps=c.num_warps, num_stages=c.num_stages,
+            ))
         launch_fitting(("dkdv", spec), cfg, lambda c: mod.attn_bwd_dkdv[(cdiv(N, c.BLOCK_N), B * Hkv)](
-            q, k, v, grad_out, lse, delta, dk, dv, seed_t, *_map_args(by_col), *extras, *db_args,
+            q, k, v, grad_out, lse, delta, shift, rowl2, nan_rows, dk, dv, seed_t, *_map_args(by_col), *extras, *db_args,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
             *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
             num_warps=c.num_warps, num_stages=c.num_stages,
         ))
         launch_fitting(("dq", spec), cfg, lambda c: mod.attn_bwd_dq[(cdiv(M, c.BLOCK_N), B * Hq)](
-            q, k, v, grad_out, lse, delta, dq, seed_t, *_map_args(by_row), *extras,
+            q, k, v, grad_out, lse, delta, shift, rowl2, dq, seed_t, *_map_args(by_row), *extras,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
             *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_N, BLOCK_N=c.BLOCK_M,
             num_warps=c.num_warps, num_stages=c.num_stages,

@@ -36,6 +36,11 @@ def attention_forward(
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32; the op's semantics exactly."""
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    if B * Hq * M == 0 or N == 0:
+        # Nothing to launch.  No keys: eager's softmax over zero keys is an empty row, P @ V a
+        # sum of nothing (zeros) and logsumexp -inf.
+        return (torch.zeros((B, Hq, M, Dv), dtype=v.dtype, device=q.device),
+                torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
     spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args)
     interpret = q.device.type != "cuda"
     cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
@@ -43,8 +48,6 @@ def attention_forward(
     mod = kernel_module(spec, interpret)
     out = new_output((B, Hq, M, Dv), v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
-    if M == 0 or B * Hq == 0:
-        return out, lse
     if spec.block_map:
         data = None
         if masks:

@@ -74,7 +74,16 @@ def seed_tensor(seed, device) -> torch.Tensor | None:
     return torch.full((1,), int(seed.item()), dtype=torch.int64, device=device)
 
 
+def natural_units(spec: KernelSpec) -> bool:
+    """Whether the kernels keep scores in natural units (``nat`` in templates/_score.py.jinja):
+    with biases, which may be large finite fills.  Such variants' backward also takes the row
+    statistics of ``attn_bwd_rowstats``."""
+    return spec.n_biases > 0
+
+
 def scalar_args(spec: KernelSpec, scale, softcap, dropout_p, mask_fill, N) -> list:
+    """The kernels' scalar tail: sm_scale, scale_log2e, softcap, inv_softcap, drop_threshold,
+    drop_scale, fill_lse, fill (the same order in every kernel's signature)."""
     log2e = 1.4426950408889634
     threshold = int(dropout_p * 2**32) if dropout_p > 0 else 0
     drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
@@ -83,9 +92,11 @@ def scalar_args(spec: KernelSpec, scale, softcap, dropout_p, mask_fill, N) -> li
         # logsumexp of N equal fills, rounded like torch's fp32 logsumexp: fill + log(N).
         f32 = torch.float32  # numpy is not a dependency; round through fp32 scalars on the CPU
         fill_lse = (torch.tensor(mask_fill, dtype=f32) + torch.tensor(math.log(max(N, 1)), dtype=f32)).item()
+    # The fill itself, rounded to fp32 (the kernels compare fp32 scores with it); -inf for none.
+    fill = torch.tensor(mask_fill, dtype=torch.float32).item() if spec.finite_fill else float("-inf")
     return [
         float(scale), float(scale) * log2e, float(softcap), 1.0 / softcap if softcap > 0 else 0.0,
-        threshold, drop_scale, fill_lse,
+        threshold, drop_scale, fill_lse, fill,
     ]
 
 

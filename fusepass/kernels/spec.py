@@ -86,7 +86,9 @@ class KernelSpec:
                 bias_needs_grad=None) -> "KernelSpec":
         precision = ""
         if q.dtype == torch.float32:
-            precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+            from .support import fp32_dot_precision  # support imports this module
+
+            precision = fp32_dot_precision()
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         grads = ()
         if bias_needs_grad is not None:

@@ -75,6 +75,24 @@ def fallback_reason(
     return None
 
 
+def fp32_dot_precision() -> str:
+    """tl.dot's input_precision for fp32 inputs: "tf32" when PyTorch lets CUDA fp32 matmuls use
+    TF32, else "ieee".
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none":
+    unset, which reads as the global ``torch.backends.fp32_precision``); it is the setting that
+    Inductor reads, and once it has been set, reading the legacy ``allow_tf32`` raises
+    ("mix of the legacy and new APIs").  Older torch has only ``allow_tf32``.  Feature-tested,
+    never version-tested.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
 def runtime_reason(q: torch.Tensor, v: torch.Tensor, mask_fill: float) -> Optional[str]:
     cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
     return fallback_reason(q.device.type, q.dtype, q.shape[-1], v.shape[-1], mask_fill, capability=cap)

@@ -28,7 +28,7 @@ def validate(q: Tensor, k: Tensor, v: Tensor, biases, masks) -> None:
         fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree on [B, H, N]")
     if Bk != B or Dk != D:
         fail(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim")
-    if Hkv == 0 or Hq % Hkv != 0:
+    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):  # no heads at all is empty, as in eager
         fail(f"query heads {Hq} are not a multiple of key/value heads {Hkv}")
     if not (q.dtype == k.dtype == v.dtype):
         fail(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")

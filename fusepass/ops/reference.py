@@ -95,7 +95,8 @@ class _Problem:
         B, Hkv, G, _, _ = self.shape
         # [B, Hkv, G * (i1 - i0), D]: the G heads sharing a kv head become rows of one matmul.
         # The scale is applied here, to bm x D values, rather than to the bm x bn scores.
-        return (self.q5[:, :, :, i0:i1].to(self.cdt) * self.scale).reshape(B, Hkv, G * (i1 - i0), -1)
+        D = self.q5.shape[-1]
+        return (self.q5[:, :, :, i0:i1].to(self.cdt) * self.scale).reshape(B, Hkv, G * (i1 - i0), D)
 
     def keep(self, i0: int, i1: int, j0: int, j1: int) -> Optional[Tensor]:
         """AND of the bool masks and the predicate on this tile; None when nothing is masked."""
@@ -169,7 +170,7 @@ def _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill,
             )
     B, Hq, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    G = Hq // Hkv if Hkv else 1
     bn = max(1, min(BLOCK_N, N))
     bm = max(MIN_BLOCK_M, MAX_TILE_SCORES // max(1, B * Hq * bn))
     bm = max(1, min(BLOCK_M, bm, M))
@@ -228,6 +229,14 @@ def _online_softmax(pb: _Problem, qt: Tensor, i0: int, i1: int, with_values: boo
 
 def attention_forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args):
     """Returns (out [B, Hq, M, Dv] in v.dtype, lse fp32 [B, Hq, M]); see attention.py for the semantics."""
+    B, Hq, M, _ = q.shape
+    if B * Hq * M == 0 or k.shape[2] == 0:
+        # No rows, or no keys: eager's softmax over zero keys is an empty row, so P @ V is a sum
+        # of nothing (zeros) and logsumexp is -inf.  (Also keeps views of empty tensors, which
+        # cannot be reshaped with a -1, out of the tiling.)
+        _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
+        return (torch.zeros((B, Hq, M, v.shape[-1]), dtype=v.dtype, device=q.device),
+                torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
     pb = _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
     B, Hkv, G, M, N = pb.shape
     Dv = v.shape[-1]
@@ -280,7 +289,16 @@ def attention_backward(
     bias grads are 0.  With a finite fill the row's P is uniform, so dv still receives dO / N.
     With -inf fill the row's P is NaN; eager's dv = P^T @ dO is then NaN for every key of that
     (batch, kv head), and so is ours (the same NaN propagates; we do not skip tiles there).
+    A row whose every score is -inf because of biases is NaN in eager too, and its unmasked
+    scores pass NaN on to dq, dk and the bias gradients: so do ours (ds is NaN there).
     """
+    B, Hq, M, _ = q.shape
+    if B * Hq * M == 0 or k.shape[2] == 0:
+        # No score exists: every gradient is a sum of nothing.
+        _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
+        dbiases = [torch.zeros_like(b, memory_format=torch.contiguous_format) if need else b.new_empty((0,))
+                   for b, need in zip(biases, bias_needs_grad)]
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbiases
     pb = _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
     B, Hkv, G, M, N = pb.shape
     D, Dv = q.shape[-1], v.shape[-1]
