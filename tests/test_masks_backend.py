@@ -28,7 +28,10 @@ from fusepass import backend as fusepass_backend
 from fusepass.masks import classify
 
 from conftest import assert_close_to_reference
-from e2e_util import FUSED_BACKWARD_OP, FUSED_OP, count_op_calls, fused_count, projection_loss, rejected_count, unique_graphs
+from e2e_util import (
+    FUSED_BACKWARD_OP, FUSED_OP, count_op_calls, fused_count, projection_loss, projection_weights, rejected_count,
+    unique_graphs,
+)
 
 OPTIONS = {"inner": "aot_eager"}
 B, H, D = 2, 2, 8
@@ -455,3 +458,247 @@ def test_skipped_fraction_at_a_larger_shape():
     (site,) = fusepass.explain(fn, q, k, v, options=OPTIONS).sites
     assert site.mask == "sliding_window(128)"
     assert site.skipped_fraction == pytest.approx(1 - 15 / 64)
+
+
+# -- additive masks and rows with no visible key, wherever the op runs ----------------------------
+#
+# An additive 0 / finfo.min mask equals a replacing predicate in every row that keeps a visible
+# key.  In a row with none, eager differs from "replace by fill" in three ways (see
+# fusepass.graph.predicates.lift): its gradient flows through s + min to q, k and every bias of
+# the row; a key hidden by two such masks sums to -inf in fp32, so the row averages only the keys
+# hidden once (or is NaN when every key is hidden twice); and a bias kept as a tensor may itself
+# hide the keys the predicate shows.  The tests below build exactly those rows and compare them
+# with eager (outputs and gradients, by the float64 rule) on the op's CPU reference, on the Triton
+# kernels under Triton's interpreter, and on CUDA.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str                 # "reference", "interpreter" or "cuda"
+    options: dict             # torch.compile options
+    device: str
+    kernel_calls: dict        # "fwd" / "bwd": Triton launcher calls seen so far
+
+
+RUNS = [pytest.param("reference"), pytest.param("interpreter"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=RUNS)
+def op_run(request, monkeypatch, tmp_path_factory):
+    """Where the fused op runs.  The interpreter's kernel outputs are poisoned (NaN) before they
+    run; the interpret option is process-wide (the latest compile's), so it is undone after."""
+    from collections import Counter
+
+    calls: Counter = Counter()
+    if request.param == "reference":
+        yield Run("reference", dict(OPTIONS), "cpu", calls)
+        return
+    pytest.importorskip("triton")
+    import fusepass.kernels.backward as kernel_bwd
+    import fusepass.kernels.forward as kernel_fwd
+    from fusepass.autotune import provider
+    from fusepass.kernels import launch_common, support
+
+    for module, name, key in ((kernel_fwd, "attention_forward", "fwd"), (kernel_bwd, "attention_backward", "bwd")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _key=key, **kw: calls.update([_key]) or _real(*a, **kw))
+    if request.param == "cuda":
+        yield Run("cuda", dict(OPTIONS), "cuda", calls)
+        return
+    monkeypatch.setenv("FUSEPASS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fusepass-cache"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(launch_common, "poison_outputs", True)
+    yield Run("interpreter", {**OPTIONS, "interpret": True, "autotune": False}, "cpu", calls)
+    support.configure(None)
+    provider.configure(None)
+
+
+def run_site(fn, inputs, grad_of):
+    """fn's output and the gradients of ``inputs[k]`` for k in ``grad_of`` (none: no_grad)."""
+    leaves = [t.detach().clone().requires_grad_(k in grad_of) if t.is_floating_point() else t
+              for k, t in enumerate(inputs)]
+    if not grad_of:
+        with torch.no_grad():
+            return fn(*leaves), ()
+    out = fn(*leaves)
+    weights = projection_weights(out.shape).to(out)  # projection_loss, on out's device
+    return out.detach(), torch.autograd.grad((out * weights).sum(), [leaves[k] for k in grad_of])
+
+
+def check_site(fn, inputs, grad_of, run: Run, label: str, compiled=None) -> torch.Tensor:
+    """``compiled`` (by default fn compiled for ``run``) in fp32 against fp32 eager and float64
+    eager: output and gradients, NaN exactly where eager has NaN; the kernels ran when the run
+    is not the reference."""
+    inputs = [t.to(run.device) for t in inputs]
+    if compiled is None:
+        compiled = torch.compile(fn, backend="fusepass", options=run.options)
+    before = dict(run.kernel_calls)
+    got, got_g = run_site(compiled, inputs, grad_of)
+    eager, eager_g = run_site(fn, inputs, grad_of)
+    ref, ref_g = run_site(fn, [t.double() if t.is_floating_point() else t for t in inputs], grad_of)
+    names = ["output"] + [f"grad of input {k}" for k in grad_of]
+    for name, a, e, r in zip(names, (got, *got_g), (eager, *eager_g), (ref, *ref_g)):
+        assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{label}: NaN pattern of the {name} differs from eager"
+        assert_close_to_reference(a, e, r, name=f"{label} {name}")
+    if run.name != "reference":
+        assert run.kernel_calls["fwd"] > before.get("fwd", 0), f"{label}: the Triton forward did not run"
+        if grad_of:
+            assert run.kernel_calls["bwd"] > before.get("bwd", 0), f"{label}: the Triton backward did not run"
+    return got
+
+
+def _positions(q, k, bottom_right: bool = False):
+    """Query rows (the last M of N positions when bottom_right) against key columns."""
+    M, N = q.size(-2), k.size(-2)
+    i = torch.arange(M, device=q.device)[:, None] + ((N - M) if bottom_right else 0)
+    j = torch.arange(N, device=q.device)[None, :]
+    return i, j
+
+
+def _additive(keep, s, fill=None):
+    """transformers' eager mask: 0 where keep, finfo(dtype).min (or ``fill``) elsewhere."""
+    zero = torch.tensor(0.0, device=s.device, dtype=s.dtype)
+    return torch.where(keep, zero, torch.finfo(s.dtype).min if fill is None else fill)
+
+
+def _padded(am):
+    return am[:, None, None, :].bool()
+
+
+def causal_plus_padding(q, k, v, am):
+    # two finfo.min masks added one after the other: keys hidden by both are -inf in eager
+    i, j = _positions(q, k, bottom_right=True)
+    s = _scores(q, k)
+    return _finish(s + _additive(j <= i, s) + _additive(_padded(am), s), v)
+
+
+def causal_plus_window(q, k, v, am):
+    # two position masks that always leave the diagonal visible: safe to lift, rows never empty
+    i, j = _positions(q, k)
+    s = _scores(q, k)
+    return _finish(s + _additive(j <= i, s) + _additive(i - j < 4, s), v)
+
+
+def additive_then_masked_fill_min(q, k, v, am):
+    i, j = _positions(q, k, bottom_right=True)
+    s = _scores(q, k)
+    s = s + _additive(j <= i, s)
+    return _finish(s.masked_fill(~_padded(am), torch.finfo(s.dtype).min), v)
+
+
+def masked_fill_inf_then_additive(q, k, v, am):
+    i, j = _positions(q, k, bottom_right=True)
+    s = _scores(q, k).masked_fill(~_padded(am), float("-inf"))
+    return _finish(s + _additive(j <= i, s), v)
+
+
+def additive_inf_plus_additive_min(q, k, v, am):
+    i, j = _positions(q, k, bottom_right=True)
+    s = _scores(q, k)
+    return _finish(s + _additive(j <= i, s, float("-inf")) + _additive(_padded(am), s), v)
+
+
+def _causal_name(M: int, N: int) -> str:
+    return "causal" if M == N else f"causal(offset={N - M})"
+
+
+# form -> (fn, expected(M, N, grad) = what the op gets: (number of biases, predicate name or "")).
+# Kept as biases: whenever a row may be fully hidden and the lifted form would differ there.
+ADDITIVE_FORMS = {
+    "causal_plus_padding": (causal_plus_padding, lambda M, N, grad: (2, "")),
+    # 40x36: the last rows see no key of the window (i - 4 < j <= i, j < 36): not provably safe
+    "causal_plus_window": (causal_plus_window, lambda M, N, grad: (0, "sliding_window(4)") if M <= N else (2, "")),
+    # one finfo.min mask and a bool finfo.min fill: inference may lift it (hidden entries are all
+    # exactly min), training may not (gradient through s + min in the fully padded rows)
+    "additive_then_masked_fill_min": (additive_then_masked_fill_min,
+                                      lambda M, N, grad: (1, "") if grad else (0, _causal_name(M, N))),
+    # the bool mask's -inf fill stays; the finfo.min mask is added under it (a bias)
+    "masked_fill_inf_then_additive": (masked_fill_inf_then_additive, lambda M, N, grad: (1, "")),
+    "additive_inf_plus_additive_min": (additive_inf_plus_additive_min,
+                                       lambda M, N, grad: (2, "") if grad else (1, _causal_name(M, N))),
+}
+# (M, N): rows as long as keys; more queries than keys (the first M - N rows see no causal key),
+# several 32 x 32 interpreter tiles per row.
+ADDITIVE_SHAPES = {"7x7": (7, 7), "40x36": (40, 36)}
+
+
+def _padding_with_hidden_rows(n: int) -> torch.Tensor:
+    """[B, N]: batch 0 left-padded by 2 (its first rows see only padding under causal),
+    batch 1 all padding (every row hidden; where causal hides a key too, it is hidden twice)."""
+    am = torch.ones(B, n)
+    am[0, :2] = 0
+    am[1] = 0
+    return am
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("shape", list(ADDITIVE_SHAPES))
+@pytest.mark.parametrize("form", list(ADDITIVE_FORMS))
+def test_additive_masks_with_hidden_rows(form, shape, grad, op_run, inner_graphs):
+    """Additive finfo.min masks combined with each other, with a bool masked_fill, and with a
+    -inf masked score, in rows hidden by all of them: eager's values and gradients."""
+    fn, expected = ADDITIVE_FORMS[form]
+    M, N = ADDITIVE_SHAPES[shape]
+    q, k, v = qkv(M, N)
+    am = _padding_with_hidden_rows(N)
+    check_site(fn, [q, k, v, am], (0, 1, 2) if grad else (), op_run, f"{form}/{shape}")
+    (call,) = attention_calls(inner_graphs[-1])
+    n_biases, name = expected(M, N, grad)
+    assert len(call.args[3]) == n_biases, f"biases {call.args[3]}"
+    mask_expr = call.args[10]
+    assert (classify.describe(mask_expr) if mask_expr else "") == name, mask_expr
+
+
+def test_additive_masks_hidden_twice_average_the_keys_hidden_once():
+    """The fixture's point, on eager alone: a row hidden by both masks averages only the keys
+    hidden by exactly one (here the causal keys of an all-padding batch), NaN if there are none."""
+    M, N = 9, 6
+    q, k, v = qkv(M, N)
+    out = causal_plus_padding(q, k, v, _padding_with_hidden_rows(N))
+    i = torch.arange(M)[:, None] + (N - M)
+    seen = (torch.arange(N)[None, :] <= i).float()  # batch 1: the keys hidden only by padding
+    expect = (seen / seen.sum(-1, keepdim=True)) @ v[1]
+    torch.testing.assert_close(out[1], expect, equal_nan=True)
+    assert torch.isnan(out[1, :, : M - N]).all() and not torch.isnan(out[1, :, M - N:]).any()
+
+
+def learned_bias_and_additive_mask(q, k, v, bias):
+    i, j = _positions(q, k, bottom_right=True)
+    s = _scores(q, k) + bias
+    return _finish(s + _additive(j <= i, s), v)
+
+
+@pytest.mark.parametrize("grad_of", [(3,), (2, 3)], ids=["bias", "v_and_bias"])
+@pytest.mark.parametrize("shape", ["9x6", "40x36"])
+def test_learned_bias_gradient_in_hidden_rows(shape, grad_of, op_run):
+    """q, k frozen, a learned bias trained: in the rows the additive mask hides entirely (more
+    queries than keys, bottom-right causal), eager's bias gradient is not zero.  A differentiable
+    bias alone must keep the additive mask a tensor."""
+    M, N = map(int, shape.split("x"))
+    q, k, v = qkv(M, N)
+    bias = torch.randn(H, M, N)
+    check_site(learned_bias_and_additive_mask, [q, k, v, bias], grad_of, op_run, f"learned bias {shape}")
+
+
+ALL_HIDDEN = {
+    "full_min": lambda s, i, j: s + torch.full(s.shape[-2:], torch.finfo(s.dtype).min, dtype=s.dtype, device=s.device),
+    "where_min_everywhere": lambda s, i, j: s + _additive(j < 0, s),
+    "where_inf_everywhere": lambda s, i, j: s + _additive(j < 0, s, float("-inf")),
+}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("form", list(ALL_HIDDEN))
+def test_additive_mask_that_hides_every_key(form, grad, op_run):
+    """A mask whose predicate is False (every key hidden): the compile must not crash (it
+    did, in sympy, on the Python bool False) and every row is eager's (uniform, or NaN)."""
+    def fn(q, k, v):
+        i, j = _positions(q, k)
+        return _finish(ALL_HIDDEN[form](_scores(q, k), i, j), v)
+
+    q, k, v = qkv(9, 7)
+    out = check_site(fn, [q, k, v], (0, 1, 2) if grad else (), op_run, form)
+    if form == "where_inf_everywhere":
+        assert torch.isnan(out).all()
+    else:
+        torch.testing.assert_close(out.cpu(), v.mean(-2, keepdim=True).expand_as(out))

@@ -3,6 +3,7 @@ predicate, checked by dense evaluation against the mask tensor computed eagerly.
 
 from __future__ import annotations
 
+import sympy
 import torch
 import torch.nn.functional as F
 import pytest
@@ -370,3 +371,40 @@ def test_random_predicates_read_back(expr):
         want = f(torch.randn(1, T))
         got = predicate.dense_keep(r.expr or "True", 1, 1, T, T, arg_values(r, gm, ex))[0, 0]
         assert torch.equal(got, want), (expr, r.expr)
+
+
+def test_a_mask_that_hides_every_key_reads_as_false():
+    """An additive mask of fill everywhere reads as the constant predicate "False"; every
+    consumer of predicate text takes it (the row-emptiness proof crashed on the Python bool)."""
+    from fusepass.graph.predicates import rows_never_empty
+    from fusepass.masks import tiles
+
+    def f(x):
+        T = x.shape[1]
+        return torch.full((1, 1, T, T), NEG)
+
+    r, _, _ = read_output(f, (torch.randn(1, 6),), "additive")
+    assert isinstance(r, MaskReading) and r.expr == "False" and r.fill == NEG
+    assert predicate.to_sympy("False") is sympy.false and predicate.to_sympy("True") is sympy.true
+    assert rows_never_empty("False", 6, 6) is False and rows_never_empty("", 6, 6) is True
+    assert classify("False").kind == "empty"
+    assert tiles.skipped_fraction("False", 64, 64, 32, 32) == 1.0
+
+
+def test_rows_never_empty_holds_for_every_size_of_a_symbolic_graph():
+    """The proof is over the sizes a graph serves: with symbolic lengths, a sliding window is
+    never empty only when M <= N is known (its last rows past N see nothing otherwise)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusepass.graph.predicates import rows_never_empty
+
+    env = ShapeEnv()
+    s0 = env.create_unbacked_symint()
+    s1 = env.create_unbacked_symint()
+    window = "(j <= i) & (i - j < 4)"
+    assert rows_never_empty(window, 7, 7) and not rows_never_empty(window, 40, 36)
+    assert rows_never_empty(window, s0, s0)
+    assert not rows_never_empty(window, s0, s1)
+    assert rows_never_empty("j <= i", s0, s1)  # key 0, whatever the lengths
+    assert not rows_never_empty("j <= i + (N - M)", s0, s1)  # M > N: the first rows see nothing
+    assert not rows_never_empty("abs(i - j) <= a0", 8, 8)  # a0 may be negative

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import sympy
 import torch
@@ -38,16 +38,26 @@ def _renumber(expr: str, offset: int) -> str:
 
 
 def rows_never_empty(expr: str, M: Any, N: Any) -> bool:
-    """Provably, every query row sees at least one key.
+    """Provably, every query row sees at least one key ("" hides nothing: True).
 
     Sufficient test: some key column that exists for every row (0, N - 1, and when M <= N the
-    diagonal i or the bottom-right diagonal i + N - M) is visible for every i >= 0.
+    diagonal i or the bottom-right diagonal i + N - M) is visible for every i >= 0.  Sizes that
+    are symbolic stay symbols (one symbol when M == N is known), so the proof holds for every
+    shape the compiled graph serves; ``a<k>`` arguments stay free (unknown).
     """
+    if not expr:
+        return True
     S = predicate.SYMBOLS
     i = sympy.Symbol("i_row", integer=True, nonnegative=True)
+    same = not isinstance(M, int) and statically_known_true(M == N)
     sizes = {}
     for name, size in (("M", M), ("N", N)):
-        sizes[S[name]] = size if isinstance(size, int) else sympy.Symbol(f"{name}_size", integer=True, positive=True)
+        if isinstance(size, int):
+            sizes[S[name]] = sympy.Integer(size)
+        else:
+            sizes[S[name]] = sympy.Symbol("MN_size" if same else f"{name}_size", integer=True, positive=True)
+    if sizes[S["N"]].is_number and sizes[S["N"]] < 1:
+        return False
     keep = predicate.to_sympy(expr).subs(S["i"], i).subs(sizes)
     m, n = sizes[S["M"]], sizes[S["N"]]
     columns = [0, n - 1]
@@ -60,23 +70,44 @@ def rows_never_empty(expr: str, M: Any, N: Any) -> bool:
 
 
 def _needs_grad(match: Match) -> bool:
-    return any(nodes.fake(o.node).requires_grad for o in (match.q, match.k, match.v))
+    """Whether a gradient flows out of the site's scores: into q, k, v or any bias.
+
+    In a row whose every key is hidden, eager's gradient of ``s + mask`` reaches q, k and every
+    bias of that row; the op's replaced scores pass none.  (v is included to be safe.)
+    """
+    operands = [o.node for o in (match.q, match.k, match.v)] + [b.node for b in match.biases]
+    return any(nodes.fake(n) is not None and nodes.fake(n).requires_grad for n in operands)
+
+
+def _hides(fill: Optional[float]) -> bool:
+    """An additive value that the op may treat as "replaced by fill" (see ADDITIVE_FILL_AT_MOST)."""
+    return fill is not None and (fill == -math.inf or fill <= ADDITIVE_FILL_AT_MOST)
 
 
 def lift(match: Match, scores_shape: Sequence[Any], example_inputs: Sequence[Any]) -> None:
     """Rewrite ``match.masks`` / ``match.biases`` into ``match.mask_expr`` where readable.
 
-    An additive mask differs from a replacing one only in rows where every key is hidden:
-    there eager's gradient flows through ``s + fill`` to q and k, while the op's masked scores
-    take none.  So when gradients are needed, an additive mask is lifted only when its
-    predicate provably leaves no row empty; otherwise it stays a bias (exact, just slower).
+    Bool masks replace scores as the op does: always lifted.  An additive mask (0 or a fill)
+    agrees with a replacing predicate in every row that keeps a visible key; rows with none
+    differ in three ways, so an additive mask is lifted only where none of them can occur:
+
+    * eager's gradient flows through ``s + fill`` to q, k and the biases of such a row, the
+      op's replaced scores pass none (only a concern when gradients are needed);
+    * keys hidden twice sum to -inf in eager (``min + min`` overflows) while the op replaces
+      every hidden key by one finite fill, so a fully hidden row averages other keys;
+    * a bias kept as a tensor may itself be a mask, hiding the keys the predicate shows.
+
+    So every lifted additive mask needs the "safe" case: no kept bias may hide, no data masks,
+    and the combined predicate provably leaves no row empty.  Without it, inference still lifts
+    additive masks whose fill is -inf (-inf + anything is -inf, exact) or a single finite-fill
+    additive mask when nothing else can hide a key (every hidden entry is then exactly fill);
+    all other additive masks stay biases (exact, just slower).
     """
-    needs_grad = _needs_grad(match)
+    M, N = scores_shape[-2], scores_shape[-1]
     exprs: list[str] = []
     args: list[Any] = []
     guards: list[Guard] = []
     masks: list[Mask] = []
-    fill = match.mask_fill if match.masks else None
 
     def take(reading) -> None:
         if reading.expr:
@@ -94,26 +125,62 @@ def lift(match: Match, scores_shape: Sequence[Any], example_inputs: Sequence[Any
             take(reading)
         else:
             masks.append(mk)
-    biases: list[Bias] = []
+
+    # Additive candidates, and whether each bias that stays a tensor may hide keys: one read as
+    # a mask (fill -1e9, fp16's min, ...) does; one that is not a mask-like constant (ALiBi, a
+    # float mask given as input) may; a learned bias (requires grad) is taken not to.
+    candidates: list[tuple[Bias, Any]] = []
+    kept: list[tuple[Bias, bool]] = []
     for b in match.biases:
         reading = None
-        if b.coeff == 1.0 and not nodes.fake(b.node).requires_grad:
+        learned = nodes.fake(b.node).requires_grad
+        if b.coeff == 1.0 and not learned:
             reading = read_mask(b.node, "additive", scores_shape, example_inputs)
-        ok = usable(reading) and reading.fill is not None and (
-            reading.fill == -math.inf or reading.fill <= ADDITIVE_FILL_AT_MOST)
-        if ok and needs_grad and (reading.data_masks or not reading.expr
-                                  or not rows_never_empty(reading.expr, scores_shape[-2], scores_shape[-1])):
-            log.debug("additive mask kept as a tensor: rows may be fully hidden and gradients are needed")
-            ok = False
-        if ok and (fill is None or reading.fill == fill):
-            fill = reading.fill
-            take(reading)
+        if usable(reading) and _hides(reading.fill):
+            candidates.append((b, reading))
         else:
-            biases.append(b)
+            may_hide = not learned if reading is None else reading.fill is not None
+            kept.append((b, may_hide))
+
+    # One fill for the op: the bool masks', else -inf when an additive mask uses it (exact
+    # whatever else is added), else the first finite one.
+    fill = match.mask_fill if match.masks else None
+    if fill is None and candidates:
+        fills = [r.fill for _, r in candidates]
+        fill = -math.inf if -math.inf in fills else fills[0]
+    compatible = [(b, r) for b, r in candidates if r.fill == fill]
+    kept += [(b, True) for b, r in candidates if r.fill != fill]
+
+    lifted: list[tuple[Bias, Any]] = []
+    if compatible:
+        hiders = any(h for _, h in kept)
+        data = bool(masks) or any(r.data_masks for _, r in compatible)
+        combined, n_args = list(exprs), len(args)
+        for _, r in compatible:  # numbered as take() will number them
+            if r.expr:
+                combined.append(_renumber(r.expr, n_args))
+                n_args += len(r.args)
+        combined_expr = " & ".join(f"({e})" for e in combined)
+        safe = not hiders and not data and rows_never_empty(combined_expr, M, N)
+        if safe:
+            lifted = compatible
+        elif _needs_grad(match):
+            log.debug("additive masks kept as tensors: rows may be fully hidden and gradients are needed")
+        elif fill == -math.inf:
+            lifted = compatible
+        elif len(compatible) == 1 and not hiders:
+            lifted = compatible
+        else:
+            log.debug("additive masks kept as tensors: fully hidden rows would average other keys")
+    for b, reading in lifted:
+        take(reading)
+    lifted_nodes = {id(b) for b, _ in lifted}
+    biases = [b for b in match.biases if id(b) not in lifted_nodes]
     if not exprs and len(masks) == len(match.masks) and len(biases) == len(match.biases):
         return
+    # The bool masks' fill stays; lifted additive masks share it (or set it); else -inf.
+    match.mask_fill = fill if (match.masks or lifted) else -math.inf
     match.masks, match.biases = masks, biases
-    match.mask_fill = fill if fill is not None else -math.inf
     match.mask_expr = " & ".join(f"({e})" for e in exprs) if len(exprs) > 1 else "".join(exprs)
     match.mask_args = args
     match.guards = guards

@@ -184,7 +184,9 @@ def to_sympy(expr: str) -> sympy.Basic:
     """The predicate as a sympy boolean over the symbols in ``SYMBOLS`` and a0, a1, ..."""
     env = dict(SYMBOLS)
     env.update({f"a{k}": sympy.Symbol(f"a{k}", integer=True) for k in range(arg_count(expr))})
-    return _evaluate(parse_ast(expr), env, _SYMPY_LIB)
+    # sympify: a constant predicate ("False": an additive mask that hides every key) evaluates
+    # to a Python bool, which has none of sympy's methods.
+    return sympy.sympify(_evaluate(parse_ast(expr), env, _SYMPY_LIB))
 
 
 def from_sympy(e: Any) -> str:
