@@ -58,7 +58,7 @@ def scalar_value(x: Any) -> Optional[float]:
         return None
     if x.target is torch.full:
         size, value = arg(x, 0, "size"), arg(x, 1, "fill_value")
-        if tuple(size or ()) != ():
+        if not isinstance(size, (tuple, list)) or tuple(size) != ():  # a shape node is not 0-d
             return None
     else:
         value = arg(x, 0, "data" if x.target is not torch.scalar_tensor else "s")
