@@ -137,7 +137,7 @@ def _runs_on(spec) -> str:
     # Symbolic head dims are read at their hint: this is a description, and must not guard.
     reason = support.fallback_reason(
         spec.device, getattr(torch, spec.dtype), nodes.size_hint(spec.q_shape[3]),
-        nodes.size_hint(spec.v_shape[3]), spec.mask_fill,
+        nodes.size_hint(spec.v_shape[3]), spec.mask_fill, softcap=spec.softcap,
     )
     return "triton" if reason is None else f"reference ({reason})"
 

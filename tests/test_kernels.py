@@ -208,6 +208,10 @@ def test_fallback_reasons():
     assert "CPU" in fallback_reason("cpu", torch.float32, 64, 64, interpret=False)
     assert fallback_reason("cpu", torch.float32, 64, 64, interpret=True) is None
     assert "capability" in fallback_reason("cuda", torch.float16, 64, 64, capability=(7, 5))
+    # Softcap at a head dim that is not a power of two: wrong on the GPU (fuzzer), the reference runs.
+    assert "softcap" in fallback_reason("cuda", torch.bfloat16, 40, 17, softcap=5.0)
+    assert fallback_reason("cuda", torch.bfloat16, 64, 64, softcap=5.0) is None
+    assert fallback_reason("cpu", torch.bfloat16, 40, 40, interpret=True, softcap=5.0) is None
 
 
 def test_op_runs_kernels_under_interpret(monkeypatch):

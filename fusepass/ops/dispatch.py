@@ -51,11 +51,11 @@ def validate(q: Tensor, k: Tensor, v: Tensor, biases, masks) -> None:
             fail(f"biases must be floating point, got {t.dtype}")
 
 
-def _kernel_reason(q: Tensor, v: Tensor, mask_fill: float):
+def _kernel_reason(q: Tensor, v: Tensor, mask_fill: float, softcap: float = 0.0):
     """None when the Triton kernels serve this call (see fusepass.kernels.support)."""
     from fusepass.kernels.support import runtime_reason
 
-    reason = runtime_reason(q, v, mask_fill)
+    reason = runtime_reason(q, v, mask_fill, softcap)
     if reason is not None:
         log.debug("fusepass.attention runs the reference: %s", reason)
     return reason
@@ -63,7 +63,7 @@ def _kernel_reason(q: Tensor, v: Tensor, mask_fill: float):
 
 def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args):
     validate(q, k, v, biases, masks)
-    if _kernel_reason(q, v, mask_fill) is None:
+    if _kernel_reason(q, v, mask_fill, softcap) is None:
         from fusepass.kernels.forward import attention_forward
 
         return attention_forward(
@@ -78,7 +78,7 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
 
 def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
              mask_fill, mask_expr, mask_args, bias_needs_grad):
-    if _kernel_reason(q, v, mask_fill) is None:
+    if _kernel_reason(q, v, mask_fill, softcap) is None:
         from fusepass.kernels.backward import attention_backward as run
     else:
         from .reference import attention_backward as run
