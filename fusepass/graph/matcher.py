@@ -175,16 +175,17 @@ def _score_step_input(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _leads_to_contraction(node: fx.Node) -> bool:
-    """Whether following first inputs through score-chain ops reaches a contraction."""
-    for _ in range(MAX_WALK):
-        if not isinstance(node, fx.Node):
-            return False
+def _leads_to_contraction(node: fx.Node, depth: int = MAX_WALK, seen: Optional[set] = None) -> bool:
+    """Whether following score-chain ops (both sides of an addition) reaches a contraction."""
+    seen = set() if seen is None else seen
+    while depth > 0 and isinstance(node, fx.Node) and node not in seen:
+        seen.add(node)
+        depth -= 1
         if is_contraction(node):
             return True
-        if nodes.tensor_add(node) is not None:
-            node = node.args[0]
-            continue
+        add = nodes.tensor_add(node)
+        if add is not None:  # (b + s) + mask: the scores may be on either side, at any depth
+            return _leads_to_contraction(add[0], depth, seen) or _leads_to_contraction(add[1], depth, seen)
         nxt = nodes.cast_input(node) or (nodes.scalar_scale(node) or (None,))[0]
         if nxt is None:
             m = nodes.mask_op(node)
