@@ -126,6 +126,10 @@ def _guarded(compiled: Callable, guards: list[Guard], original: fx.GraphModule) 
 def _policy_refusal(spec, options: Options) -> Optional[str]:
     if not options.fuse:
         return "fusion is turned off (option fuse=False)"
+    if spec.dtype == "float16" and len(spec.bias_shapes) > 1:
+        # Eager sums fp16 scores and fp16 masks in fp16: two large fills (or a fill and a
+        # score) overflow to -inf there, so rows become NaN that the op's fp32 sum keeps finite.
+        return "float16 scores with several additive terms: eager's fp16 sum can overflow to -inf"
     n = spec.k_shape[2]
     if isinstance(n, int) and n < options.min_seq_len:
         return f"key length {n} is below min_seq_len={options.min_seq_len}"

@@ -249,6 +249,8 @@ def dropout(node: fx.Node) -> Optional[Dropout]:
         p, training, inplace = arg(node, 1, "p", 0.5), arg(node, 2, "train", True), False
     else:
         return None
+    if training is False and inplace is False:
+        return Dropout(self_arg(node), 0.0, False)  # eval mode: p may be anything, even symbolic
     if not isinstance(p, (int, float)) or not isinstance(training, bool) or inplace not in (False, True):
         return None
     p = float(p)
