@@ -370,12 +370,6 @@ def expected_fusion(prog: Program) -> Optional[bool]:
         return None
     if prog.softcap and prog.qk in ("baddbmm(zeros, beta=1)", "baddbmm(bias, beta=1)"):
         return None  # the addend is a bias: "tanh (softcap) applied after a bias"
-    positional = {"causal_tril_buffer", "causal_tril", "causal_arange", "window", "band"}
-    if prog.dynamic and any(_mask_parts(m)[0] in positional for m in prog.masks):
-        # The masks read s.size(-2), s.size(-1); under dynamic shapes Dynamo may spell them as
-        # size() calls on the scores, and fusepass refuses such sites by design ("a score
-        # intermediate has 3 users"; benchmarks/RESULTS.md, issue 8 triage).
-        return None
     if prog.softcap and prog.dynamic:
         return None  # the cap is a symbolic float: "a symbolic scale is applied after ... a softcap"
     if prog.dynamic and prog.masks:
