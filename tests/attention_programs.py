@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from e2e_util import fresh_leaves, projection_loss
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SOFTCAP = 2.0  # small, so that the tanh really bends typical scores
 WINDOW = 4  # sliding window width
@@ -761,26 +763,10 @@ class Run:
     state: dict  # "buffer k_cache" / "input bias" -> value after the call
 
 
-def _clone_inputs(t: dict, dtype: Optional[torch.dtype] = None) -> dict:
-    out = {}
-    for name, x in t.items():
-        y = x.detach().clone()
-        if dtype is not None and y.is_floating_point():
-            y = y.to(dtype)
-        out[name] = y.requires_grad_(x.requires_grad)
-    return out
-
-
-def projection(o: torch.Tensor, seed: int = 1234) -> torch.Tensor:
-    """Fixed random weights (drawn in float64) for a loss with a gradient everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)
-
-
 def execute(fn: Callable, module: nn.Module, t: dict) -> Run:
     out = fn(t)
     outs = list(out) if isinstance(out, tuple) else [out]
-    loss = sum((o * projection(o, 1234 + n)).sum() for n, o in enumerate(outs))
+    loss = sum(projection_loss(o, 1234 + n) for n, o in enumerate(outs))
     if loss.requires_grad:
         loss.backward()
     grads = {f"input {n}": x.grad for n, x in t.items() if x.grad is not None}
@@ -859,12 +845,12 @@ def check_program(prog: Program, options: dict, device: str = "cpu", expected: A
     """
     module, t = build(prog, device)
     m_eager = copy.deepcopy(module)
-    eager = execute(m_eager, m_eager, _clone_inputs(t))
+    eager = execute(m_eager, m_eager, fresh_leaves(t))
     m_ref = copy.deepcopy(module).double()
-    ref = execute(m_ref, m_ref, _clone_inputs(t, torch.float64))
+    ref = execute(m_ref, m_ref, fresh_leaves(t, torch.float64))
     m_got = copy.deepcopy(module)
     try:
-        got, fusepass_counters = _compile_and_run(prog, m_got, _clone_inputs(t), options)
+        got, fusepass_counters = _compile_and_run(prog, m_got, fresh_leaves(t), options)
     except Exception as exc:  # noqa: BLE001 - any crash of the compiled program is a finding
         lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith(("Set TORCH", "While executing"))]
         first = " | ".join(lines[:3])[:600]
@@ -915,12 +901,12 @@ def _differences(got: Run, eager: Run, ref: Run) -> list[tuple[str, str]]:
 def _fails_without_fusion(prog: Program, module: nn.Module, t: dict, options: dict) -> bool:
     """Whether the program fails the same check compiled by the inner compiler alone (no fusepass)."""
     m_eager = copy.deepcopy(module)
-    eager = execute(m_eager, m_eager, _clone_inputs(t))
+    eager = execute(m_eager, m_eager, fresh_leaves(t))
     m_ref = copy.deepcopy(module).double()
-    ref = execute(m_ref, m_ref, _clone_inputs(t, torch.float64))
+    ref = execute(m_ref, m_ref, fresh_leaves(t, torch.float64))
     try:
         m = copy.deepcopy(module)
-        run, _ = _compile_and_run(prog, m, _clone_inputs(t), {}, backend=options.get("inner", "inductor"))
+        run, _ = _compile_and_run(prog, m, fresh_leaves(t), {}, backend=options.get("inner", "inductor"))
     except Exception:  # noqa: BLE001
         return True
     return bool(_differences(run, eager, ref))
@@ -935,7 +921,7 @@ def _why(prog: Program, module: nn.Module, t: dict, options: dict) -> str:
     torch._dynamo.reset()
     try:
         with torch._dynamo.config.patch(assume_static_by_default=not prog.dynamic):
-            report = fusepass.explain(copy.deepcopy(module), _clone_inputs(t), options=options)
+            report = fusepass.explain(copy.deepcopy(module), fresh_leaves(t), options=options)
     except Exception as exc:  # noqa: BLE001
         return f"explain raised {type(exc).__name__}: {exc}"
     return "; ".join(f"{s.location}: {'fused' if s.fused else s.reason}" for s in report.sites) or "no attention site found"

@@ -69,10 +69,21 @@ def projection_loss(out: torch.Tensor, generator_seed: int = 1234) -> torch.Tens
     ~0); a fixed random projection is not.  The weights are drawn in float64 so that the fp32
     and fp64 runs use the same numbers.
     """
-    return (out * projection_weights(out.shape, generator_seed).to(out.dtype)).sum()
+    return (out * projection_weights(out.shape, generator_seed).to(out.device, out.dtype)).sum()
 
 
 def projection_weights(shape, generator_seed: int = 1234) -> torch.Tensor:
     """The float64 weights ``projection_loss`` multiplies by."""
     g = torch.Generator().manual_seed(generator_seed)
     return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def fresh_leaves(t: dict, dtype: torch.dtype | None = None) -> dict:
+    """Fresh leaves (float tensors cast to ``dtype`` when given) with the same requires_grad."""
+    out = {}
+    for name, x in t.items():
+        y = x.detach().clone()
+        if dtype is not None and y.is_floating_point():
+            y = y.to(dtype)
+        out[name] = y.requires_grad_(x.requires_grad)
+    return out

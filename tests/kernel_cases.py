@@ -108,3 +108,12 @@ def run_case(case: Case, device="cpu", backward=True, factor=4.0):
             continue
         assert a.shape == r.shape, f"{name}: shape {tuple(a.shape)} != {tuple(r.shape)}"
         assert_close_to_reference(a, e, r, factor=factor, name=name)
+
+
+EMPTY_SHAPES = [  # (B, Hq, Hkv, M, N): empty problems eager accepts
+    (0, 4, 2, 5, 7),
+    (2, 4, 2, 0, 7),
+    (2, 4, 2, 5, 0),
+    (2, 0, 0, 5, 7),
+    (0, 2, 2, 0, 0),
+]

@@ -235,13 +235,7 @@ def test_op_runs_kernels_under_interpret(monkeypatch):
         torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
 
 
-EMPTY_SHAPES = [  # (B, Hq, Hkv, M, N)
-    (0, 4, 2, 5, 7),
-    (2, 4, 2, 0, 7),
-    (2, 4, 2, 5, 0),
-    (2, 0, 0, 5, 7),
-    (0, 2, 2, 0, 0),
-]
+from kernel_cases import EMPTY_SHAPES  # noqa: E402
 
 
 def _eager_empty(q, k, v, bias, mask, expr):

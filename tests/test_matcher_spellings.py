@@ -30,6 +30,7 @@ from torch._dynamo.utils import counters
 
 import fusepass
 from conftest import assert_close_to_reference
+from e2e_util import fresh_leaves
 
 OPTS = {"inner": "aot_eager"}
 THIS_FILE = os.path.basename(__file__)
@@ -278,15 +279,7 @@ def make_inputs(sp: Spelling, dtype: torch.dtype) -> dict:
     return t
 
 
-def _copy(t: dict, dtype: torch.dtype | None = None) -> dict:
-    """Fresh leaves (float tensors cast to ``dtype`` when given) with the same requires_grad."""
-    out = {}
-    for name, x in t.items():
-        y = x.detach().clone()
-        if dtype is not None and y.is_floating_point():
-            y = y.to(dtype)
-        out[name] = y.requires_grad_(x.requires_grad)
-    return out
+_copy = fresh_leaves
 
 
 def projection(out: torch.Tensor, seed: int = 1234) -> torch.Tensor:

@@ -424,13 +424,7 @@ def test_invalid_inputs_raise_value_error(make, match):
         fused_attention(q, k, v, **kwargs)
 
 
-EMPTY_SHAPES = [  # (B, Hq, Hkv, M, N)
-    (0, 4, 2, 5, 7),
-    (2, 4, 2, 0, 7),
-    (2, 4, 2, 5, 0),
-    (2, 0, 0, 5, 7),
-    (0, 2, 2, 0, 0),
-]
+from kernel_cases import EMPTY_SHAPES  # noqa: E402
 
 
 def _check_empty(shape, device, dtype):
