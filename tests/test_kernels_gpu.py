@@ -22,6 +22,12 @@ GPU_CASES = {
                        fill=torch.finfo(torch.bfloat16).min, bias_shapes=((1, 8, 600, 500), (2, 1, 1, 500)),
                        mask_shapes=((2, 1, 1, 500),), softcap=30.0, dropout_p=0.1, transposed=True,
                        dtype=torch.bfloat16),
+    # Padded head dims where the pipelined key loop (num_stages 3) gave errors up to 10 on the
+    # H200 with triton 3.6 (the launches now run unpipelined), with and without a softcap.
+    "fp16_d40_dv17": Case(B=1, Hq=4, Hkv=4, M=257, N=129, D=40, Dv=17, dtype=torch.float16),
+    "bf16_d40_dv17_softcap": Case(B=1, Hq=4, Hkv=4, M=257, N=129, D=40, Dv=17, softcap=30.0, dtype=torch.bfloat16),
+    "bf16_d40_dv16_causal": Case(B=1, Hq=4, Hkv=2, M=257, N=129, D=40, Dv=16, expr=CAUSAL, dtype=torch.bfloat16),
+    "bf16_d80_dv17": Case(B=1, Hq=2, Hkv=2, M=300, N=300, D=80, Dv=17, dtype=torch.bfloat16),
 }
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from fusepass.kernels.limits import padded_head_dim, value_tile_dim
+
 # Bytes per element of each dtype short name.
 DTYPE_BYTES = {"fp8e4m3": 1, "fp8e5m2": 1, "fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 
@@ -116,10 +118,6 @@ def arch_for(capability: tuple[int, int], shared_memory_bytes: int | None = None
     )
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 # Registers a thread needs besides the tiles (addresses, loop state, softmax statistics).
 # NOTE: an estimate, not a measurement; it only decides which configs are not even timed.
 _REGISTER_OVERHEAD = 32
@@ -132,10 +130,10 @@ def shared_memory_bytes(cfg: KernelConfig, head_dim: int, dtype: Any, *, value_h
     fwd: the Q tile once, K and V tiles once per pipeline stage.
     bwd: the key-block kernel keeps its K and V tiles and pipelines Q and dO tiles over the
     query loop (the dQ kernel is the mirror image and needs no more).
-    Head dims are padded to a power of two, as the kernels do.
+    Head dims are padded as the kernels pad them (``kernels/limits.py``).
     """
     elt = DTYPE_BYTES[dtype_name(dtype)]
-    d, dv = _pow2(head_dim), _pow2(value_head_dim or head_dim)
+    d, dv = padded_head_dim(head_dim), value_tile_dim(head_dim, value_head_dim or head_dim)
     stages = max(1, cfg.num_stages)
     if direction == "fwd":
         return elt * (cfg.BLOCK_M * d + stages * cfg.BLOCK_N * (d + dv))
@@ -151,7 +149,7 @@ def registers_per_thread(cfg: KernelConfig, head_dim: int, *, value_head_dim: in
     fwd: the output accumulator [BLOCK_M, Dv] and the score tile [BLOCK_M, BLOCK_N].
     bwd: the dK, dV accumulators [BLOCK_N, D + Dv] and two score-sized tiles (P and dP).
     """
-    d, dv = _pow2(head_dim), _pow2(value_head_dim or head_dim)
+    d, dv = padded_head_dim(head_dim), value_tile_dim(head_dim, value_head_dim or head_dim)
     threads = 32 * cfg.num_warps
     if direction == "fwd":
         live = cfg.BLOCK_M * dv + cfg.BLOCK_M * cfg.BLOCK_N

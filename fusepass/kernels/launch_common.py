@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import render
-from .spec import KernelSpec, padded_head_dim
+from .spec import KernelSpec, padded_head_dim, value_tile_dim
 
 
 def cdiv(a: int, b: int) -> int:
@@ -105,7 +105,7 @@ def head_dims(spec: KernelSpec) -> dict:
         HEAD_DIM=spec.head_dim,
         HEAD_DIM_V=spec.v_head_dim,
         HEAD_DIM_P=padded_head_dim(spec.head_dim),
-        HEAD_DIM_V_P=padded_head_dim(spec.v_head_dim),
+        HEAD_DIM_V_P=value_tile_dim(spec.head_dim, spec.v_head_dim),
     )
 
 

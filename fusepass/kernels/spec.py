@@ -17,18 +17,7 @@ from fusepass.masks.predicate import arg_count
 
 from .predicate_triton import to_triton
 
-# Masked entries contribute exp(fill - rowmax); below this fill that underflows to exactly 0
-# in fp32 for any row whose visible scores are above fill + 104, so the kernels may treat a
-# finite fill as -inf on rows that see at least one key (and skip tiles).  See support.py.
-FINITE_FILL_LIMIT = -1e4
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))
-
-
-def padded_head_dim(d: int) -> int:
-    return max(16, next_pow2(d))
+from .limits import FINITE_FILL_LIMIT, next_pow2, padded_head_dim, value_tile_dim  # noqa: F401 (re-exported)
 
 
 def bias_grad_mode(bias: torch.Tensor, target: Sequence[int]) -> str:
@@ -75,7 +64,7 @@ class KernelSpec:
             dropout=self.dropout,
             finite_fill=self.finite_fill,
             even_d=self.head_dim == padded_head_dim(self.head_dim),
-            even_dv=self.v_head_dim == padded_head_dim(self.v_head_dim),
+            even_dv=self.v_head_dim == value_tile_dim(self.head_dim, self.v_head_dim),
             precision=self.precision,
             upcast_dot=self.upcast_dot,
             bias_grad=list(self.bias_grad) or [""] * self.n_biases,

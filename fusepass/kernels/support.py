@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .spec import FINITE_FILL_LIMIT
+from .limits import FINITE_FILL_LIMIT
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -73,17 +73,7 @@ def fallback_reason(
         return f"finite mask_fill {mask_fill} > {FINITE_FILL_LIMIT:g}"
     if not math.isinf(mask_fill) and math.isnan(mask_fill):
         return "mask_fill is NaN"
-    if softcap > 0 and device_type == "cuda" and not _pow2(head_dim):
-        # NOTE: the GPU fuzzer (2026-12-01, H200, triton 3.6) found softcap programs at head
-        # dims 40 and 80 whose fused output was off by up to 0.28 (bf16/fp16); Gemma2 at 64
-        # and 128 passes, and the interpreter is right at every size. Until the cause is
-        # found, such sites run the reference: correct, not fast.
-        return f"softcap with head dim {head_dim} (not a power of two) on CUDA: under investigation"
     return None
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def fp32_dot_precision() -> str:
