@@ -17,16 +17,15 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from fusepass.kernels.limits import FINITE_FILL_LIMIT  # one limit for the matcher and the kernels
+from fusepass.kernels.support import SERVED_DTYPES  # one list for the matcher and the kernels
+
 from . import nodes
 from .contractions import PV, QK, Operand, Refusal, is_contraction, read_pv, read_qk, read_repeat
 
 log = logging.getLogger(__name__)
 
-SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SERVED_DEVICES = ("cpu", "cuda")
-# Masked scores replaced by a finite fill are treated as "hidden": exp(fill - rowmax) must
-# underflow to exactly 0 in fp32, which holds for any fill at or below this.
-MAX_FINITE_FILL = -1e4
 MAX_WALK = 32
 
 
@@ -125,7 +124,7 @@ class _ScoreState:
     def mask(self, op: nodes.MaskOp) -> None:
         if self.fill is not None and op.fill != self.fill:
             raise Refusal(f"masks fill with different values ({self.fill} and {op.fill})")
-        if op.fill != -math.inf and op.fill > MAX_FINITE_FILL:
+        if op.fill != -math.inf and op.fill > FINITE_FILL_LIMIT:
             raise Refusal(f"mask fill value {op.fill} is not -inf or a large negative number")
         self.fill = op.fill
         self.masks.append(Mask(op.cond, op.keep_when))

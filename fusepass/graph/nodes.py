@@ -65,8 +65,15 @@ def scalar_value(x: Any) -> Optional[float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # Eager multiplies by the value as stored: torch.tensor(0.3, dtype=torch.bfloat16) is 0.30078125.
         ev = fake(x)
-        return float(torch.tensor(value, dtype=ev.dtype).item()) if ev is not None else float(value)
+        return stored_as(value, ev.dtype) if ev is not None else float(value)
     return None
+
+
+def stored_as(value: float, dtype: Optional[torch.dtype]) -> float:
+    """``value`` as a tensor of ``dtype`` holds it (-1e4 in bfloat16 is -9984)."""
+    if dtype is None or not dtype.is_floating_point:
+        return float(value)
+    return float(torch.tensor(value, dtype=dtype).item())
 
 
 def symbolic_scalar(x: Any) -> Optional[fx.Node]:
@@ -207,7 +214,19 @@ class MaskOp(NamedTuple):
 
 
 def mask_op(node: fx.Node) -> Optional[MaskOp]:
-    """``s.masked_fill(cond, v)`` and ``torch.where(cond, s, v)`` / ``torch.where(cond, v, s)``."""
+    """``s.masked_fill(cond, v)`` and ``torch.where(cond, s, v)`` / ``torch.where(cond, v, s)``.
+
+    The fill is the value as the result stores it: eager's bfloat16 scores hold -1e4 as -9984,
+    and a bias or additive mask beside it (kept as a tensor) competes with that value.
+    """
+    op = _mask_op(node)
+    if op is None:
+        return None
+    ev = fake(node)
+    return op._replace(fill=stored_as(op.fill, ev.dtype if ev is not None else None))
+
+
+def _mask_op(node: fx.Node) -> Optional[MaskOp]:
     if is_call(node, torch.masked_fill, torch.Tensor.masked_fill, methods=("masked_fill", "masked_fill_")):
         s, cond, value = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
         fill = scalar_value(value)

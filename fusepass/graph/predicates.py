@@ -20,16 +20,13 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..masks import classify, predicate, tiles
+from ..masks.fills import ADDITIVE_LIFT_AT_MOST
 from ..masks.reader import Guard, read_mask
 from . import nodes
 from .matcher import Bias, Mask, Match
 
 log = logging.getLogger(__name__)
 
-# An additive fill becomes "replaced by fill" only where s + fill == fill for every
-# realistic score s in fp32/bf16 (|s| far below 2**100): -inf, or the finfo.min of fp32/bf16.
-# fp16's finfo.min (-65504) is not: a fully masked fp16 row would softmax its scores.
-ADDITIVE_FILL_AT_MOST = -1e30
 _ARG = re.compile(r"\ba(\d+)\b")
 
 
@@ -80,8 +77,8 @@ def _needs_grad(match: Match) -> bool:
 
 
 def _hides(fill: Optional[float]) -> bool:
-    """An additive value that the op may treat as "replaced by fill" (see ADDITIVE_FILL_AT_MOST)."""
-    return fill is not None and (fill == -math.inf or fill <= ADDITIVE_FILL_AT_MOST)
+    """An additive value that the op may treat as "replaced by fill" (``masks/fills.py``)."""
+    return fill is not None and (fill == -math.inf or fill <= ADDITIVE_LIFT_AT_MOST)
 
 
 def lift(match: Match, scores_shape: Sequence[Any], example_inputs: Sequence[Any]) -> None:

@@ -36,14 +36,11 @@ import torch.fx as fx
 
 from . import absint, predicate
 from .absint import X, Unreadable, as_bool, is_bool, meta_value, size_expr
+from .fills import ADDITIVE_READ_AT_MOST
 
 log = logging.getLogger(__name__)
 
 ROLES = ("keep", "masked", "additive")
-# An additive value counts as "hidden" only when adding it to any realistic score leaves the
-# value itself (x + fill == fill): -inf, or a fill at least as negative as fp16's finfo.min.
-# -1e4 (old BERT code) is NOT a mask: a row of all -1e4 softmaxes like the unmasked row.
-HIDDEN_AT_MOST = float(torch.finfo(torch.float16).min)
 
 
 @dataclass(frozen=True)
@@ -172,7 +169,7 @@ def _keep_from_value(v: Any, role: str) -> tuple[Any, Optional[float]]:
             raise Unreadable("an additive mask whose values are not constants")
         if val == 0:
             keep = sympy.Or(keep, sympy.And(prev, cond))
-        elif val == -sympy.oo or (val.is_real and float(val) <= HIDDEN_AT_MOST):
+        elif val == -sympy.oo or (val.is_real and float(val) <= ADDITIVE_READ_AT_MOST):
             fills.add(float(val))
         else:
             raise Unreadable(f"additive value {val} is neither 0 nor a mask fill (a bias)")
