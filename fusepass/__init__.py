@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "AttentionSpec": "fusepass.spec",
     "SiteRecord": "fusepass.spec",
-    "ExplainReport": "fusepass.explain",
-    "explain": "fusepass.explain",
+    "ExplainReport": "fusepass.report",
+    "explain": "fusepass.report",
     "fused_attention": "fusepass.ops.attention",
     "Options": "fusepass.options",
     "resolve_options": "fusepass.options",

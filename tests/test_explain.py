@@ -26,3 +26,49 @@ def test_explain_runs_without_grad_unless_an_input_requires_it():
     site = fusepass.explain(mod, q.requires_grad_(), k, v).sites[0]
     assert site.fused and "(grad)" in site.bias
     assert torch.is_grad_enabled()
+
+
+class Layer(nn.Module):
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index  # an int attribute Dynamo guards on: one compile per layer
+
+    def forward(self, q, k, v):
+        torch._dynamo.graph_break()  # each layer's attention is its own frame
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) @ v + self.index
+
+
+class Layers(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(i) for i in range(n))
+
+    def forward(self, q, k, v):
+        for layer in self.layers:
+            q = layer(q, k, v)
+        return q
+
+
+def test_explain_says_when_dynamo_ran_frames_eagerly():
+    """A frame Dynamo gives up on (here: its recompile limit; transformers 5.17's BART and
+    Whisper: LayerDrop's data-dependent branch in the layer loop) runs eagerly, its attention
+    unfused: the report says so, with Dynamo's reason, instead of only counting what it saw."""
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        report = fusepass.explain(Layers(4), q, k, v)
+    torch._dynamo.reset()
+    # The graph break inside the loop makes Dynamo run Layers.forward eagerly (one frame) and
+    # compile each layer's frame on its own; layers 0 and 1 compile, layer 2 hits the limit
+    # (a second frame given up) and from then on the function runs eagerly: layers 2 and 3.
+    assert report.fused == 2 and len(report.sites) == 2
+    assert report.eager_frames == 2
+    assert "gave up on 2 frame(s)" in str(report) and "recompile limit" in str(report)
+    report = fusepass.explain(Layers(2), q, k, v)
+    assert report.fused == 2 and report.eager_frames == 1 and "recompile limit" not in str(report)
+
+
+def test_importing_the_report_module_keeps_explain_a_function():
+    import fusepass.report  # noqa: F401  (a submodule import binds its name on the package)
+
+    assert callable(fusepass.explain) and fusepass.explain is fusepass.report.explain

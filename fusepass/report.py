@@ -1,7 +1,9 @@
-"""``fusepass.explain``: compile and run once, and report every attention-like site."""
+"""``fusepass.explain`` (this module is named apart from the function, so that importing it
+cannot shadow ``fusepass.explain``): compile and run once, and report every attention-like site."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Optional
 
@@ -13,10 +15,26 @@ from .graph.nodes import format_scale
 from .spec import SiteRecord
 
 
+def dynamo_fallbacks() -> tuple[int, collections.Counter]:
+    """Frames Dynamo ran eagerly so far in this process (it started them and gave up: a graph
+    break in a loop, a generator, its recompile limit, ...), and Dynamo's reasons for graph
+    breaks and skips (the first line of each, with counts).  Attention in such a frame is
+    neither fused nor seen by fusepass, so counts of fused sites alone would mislead."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    reasons: collections.Counter = collections.Counter()
+    for reason, n in counters["unimplemented"].items():
+        reasons[reason.strip().splitlines()[0]] += n
+    return frames["total"] - frames["ok"], reasons
+
+
 @dataclasses.dataclass
 class ExplainReport:
     sites: list[SiteRecord]
     graphs: int  # how many graphs Dynamo compiled
+    eager_frames: int = 0  # frames Dynamo gave up on during the call (they ran eagerly)
+    dynamo_reasons: dict = dataclasses.field(default_factory=dict)  # Dynamo's reasons during the call
 
     @property
     def fused(self) -> int:
@@ -41,7 +59,13 @@ class ExplainReport:
             ])
         head = ["site", "fused", "layout", "q", "scale", "mask", "bias", "gqa", "softcap", "dropout", "runs on / why not"]
         table = tabulate(rows, headers=head, tablefmt="github") if rows else "(no attention found)"
-        return f"{table}\n{self.fused} of {len(self.sites)} attention sites fused in {self.graphs} graph(s)"
+        text = f"{table}\n{self.fused} of {len(self.sites)} attention sites fused in {self.graphs} graph(s)"
+        if self.eager_frames:
+            why = "; ".join(f"{r} (x{n})" for r, n in self.dynamo_reasons.items()) or "no reason given"
+            text += (f"\nwarning: Dynamo gave up on {self.eager_frames} frame(s) and ran them eagerly: attention "
+                     "written directly in them is not fused and not listed above (functions they call are "
+                     f"compiled on their own). Dynamo's reasons: {why}")
+        return text
 
 
 def explain(model_or_fn, *args: Any, options: Optional[dict] = None, **kwargs: Any) -> ExplainReport:
@@ -63,9 +87,11 @@ def explain(model_or_fn, *args: Any, options: Optional[dict] = None, **kwargs: A
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
     wants_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
     backend._recorders.append(records)
+    eager_before, reasons_before = dynamo_fallbacks()
     try:
         with torch.set_grad_enabled(wants_grad):
             compiled(*args, **kwargs)
     finally:
         backend._recorders.remove(records)
-    return ExplainReport(records, graphs)
+    eager_after, reasons_after = dynamo_fallbacks()
+    return ExplainReport(records, graphs, eager_after - eager_before, dict(reasons_after - reasons_before))
