@@ -45,6 +45,15 @@ def test_default_dir_follows_env(monkeypatch, tmp_path):
     assert TuneCache().path.parent == default_cache_dir()
 
 
+def test_kernels_and_tuned_configs_share_one_cache_root(monkeypatch, tmp_path):
+    render = pytest.importorskip("fusepass.kernels.render")
+    monkeypatch.delenv("FUSEPASS_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert render.cache_dir() == default_cache_dir() / "kernels"
+    monkeypatch.setenv("FUSEPASS_CACHE_DIR", str(tmp_path / "a"))
+    assert render.cache_dir() == tmp_path / "a" / "kernels" and default_cache_dir() == tmp_path / "a"
+
+
 def test_put_get_round_trip(tmp_path):
     cache = TuneCache(tmp_path)
     key, entry = make_key(), make_entry(0.25)

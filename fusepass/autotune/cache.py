@@ -21,10 +21,11 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+
+from fusepass.cache_dir import cache_root
 
 from .config import KernelConfig
 from .key import TuneKey
@@ -52,18 +53,8 @@ def _report_once(path: Path, kind: str, message: str, *args: Any) -> None:
 
 
 def default_cache_dir() -> Path:
-    """``$FUSEPASS_CACHE_DIR``, else the user's cache directory + ``fusepass``
-    (``$XDG_CACHE_HOME`` or ``~/.cache`` on Linux; the platform's own place elsewhere)."""
-    env = os.environ.get("FUSEPASS_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-        return base / "fusepass" / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "fusepass"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fusepass"
+    """Where tuned configs live by default: the one cache root (``fusepass.cache_dir``)."""
+    return cache_root()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -229,18 +229,12 @@ def _warn_once(tag: str, message: str, *args: Any) -> None:
         log.warning(message, *args)
 
 
-@functools.lru_cache(maxsize=1)
 def template_hash() -> str:
-    """Hash of every kernel template's text (``fusepass.kernels.render``): any edit to a
-    template makes old tuned configs stale."""
-    import hashlib
-
+    """The templates' hash (owned by ``fusepass.kernels.render``): any edit to a template
+    makes old tuned configs stale."""
     from ..kernels import render
 
-    public = getattr(render, "template_hash", None)
-    if callable(public):
-        return str(public())
-    return hashlib.sha256(render._all_templates_text().encode()).hexdigest()[:16]
+    return render.template_hash()
 
 
 def feature_signature(spec: Any) -> str:

@@ -2,7 +2,7 @@
 
 ``triton.jit`` reads a kernel's source with ``inspect``, so every rendered kernel is written to
 a real ``.py`` file and imported from there.  Sources are cached twice: in memory (module per
-key) and on disk under ``$FUSEPASS_CACHE_DIR/kernels`` (default ``~/.cache/fusepass/kernels``),
+key) and on disk under ``kernels/`` in the one cache root (``fusepass.cache_dir``),
 keyed by a hash of every template's text plus the render parameters.
 
 Triton decides between compiling and interpreting when ``@triton.jit`` runs, by reading
@@ -28,6 +28,8 @@ from types import ModuleType
 from typing import Any, Mapping
 
 import jinja2
+
+from fusepass.cache_dir import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +72,19 @@ _env = jinja2.Environment(
 
 
 def cache_dir() -> pathlib.Path:
-    base = os.environ.get("FUSEPASS_CACHE_DIR")
-    root = pathlib.Path(base) if base else pathlib.Path.home() / ".cache" / "fusepass"
-    return root / "kernels"
+    return cache_root() / "kernels"
+
+
+@functools.lru_cache(maxsize=1)
+def template_hash() -> str:
+    """The one hash of every template's text: names generated kernels (``key_of``) and marks
+    tuned configs stale (the autotune key) whenever a template changes."""
+    return hashlib.sha256(_all_templates_text().encode()).hexdigest()[:16]
 
 
 def key_of(template: str, params: Mapping[str, Any]) -> str:
     blob = json.dumps({"template": template, "params": dict(params)}, sort_keys=True, default=str)
-    return hashlib.sha256((_all_templates_text() + "\0" + blob).encode()).hexdigest()[:24]
+    return hashlib.sha256((template_hash() + "\0" + blob).encode()).hexdigest()[:24]
 
 
 def render(template: str, params: Mapping[str, Any]) -> str:

@@ -13,7 +13,6 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def validate(q: Tensor, k: Tensor, v: Tensor, biases, masks) -> None:
