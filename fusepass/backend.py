@@ -64,12 +64,12 @@ def fuse_attention(
             records.append(SiteRecord(location, False, reason, spec))
             continue
         plans.append((found, expand))
-        records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec)))
+        records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec, options)))
     guards = [g for match, _ in plans for g in match.guards]
     original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if guards else None
     replaced: dict = {}
     for match, expand in plans:
-        rewrite.rewrite(gm, match, expand, replaced)
+        rewrite.rewrite(gm, match, expand, replaced, run=options.run().encode())
     if plans:
         gm.graph.lint()
         gm.recompile()
@@ -136,12 +136,12 @@ def _policy_refusal(spec, options: Options) -> Optional[str]:
     return None
 
 
-def _runs_on(spec) -> str:
+def _runs_on(spec, options: Options) -> str:
     """Where the op will run for this site, as far as is known at compile time."""
     # Symbolic head dims are read at their hint: this is a description, and must not guard.
     reason = support.fallback_reason(
         spec.device, getattr(torch, spec.dtype), nodes.size_hint(spec.q_shape[3]),
-        nodes.size_hint(spec.v_shape[3]), spec.mask_fill, softcap=spec.softcap,
+        nodes.size_hint(spec.v_shape[3]), spec.mask_fill, softcap=spec.softcap, interpret=options.run().interpret,
     )
     return "triton" if reason is None else f"reference ({reason})"
 
@@ -167,11 +167,9 @@ def fusepass_backend(
 ) -> Callable:
     """``torch.compile(model, backend="fusepass", options={...})``."""
     opts = resolve_options(options)
-    # Kernel launches get their configs from the autotuner; the op carries no options, so the
-    # autotune switch of the latest compile applies process-wide (see docs/autotune.md).
+    # Kernel launches get their configs from the autotuner; whether to tune (and where to run)
+    # travels in each op call this compile emits (Options.run), not in process state.
     provider.install()
-    provider.configure(opts)
-    support.configure(True if opts.interpret else None)  # False defers to FUSEPASS_INTERPRET
     records, guards, original = fuse_attention(gm, opts, example_inputs)
     for recorder in _recorders:
         recorder.extend(records)

@@ -8,9 +8,10 @@ error that names the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ class Options:
     min_seq_len: int = 0
     # Tune kernel configs by timing them on the GPU; False picks a heuristic default.
     autotune: bool = True
-    # Run the generated Triton kernels through Triton's interpreter (CPU tensors allowed).
-    # Like autotune, it applies process-wide from the latest compile: the op carries no options.
+    # Run the generated Triton kernels on CPU tensors through Triton's interpreter; False
+    # defers to FUSEPASS_INTERPRET.  Like autotune, it travels in the op calls this compile
+    # emits (RunOptions), so two models compiled with different options keep theirs.
     interpret: bool = False
     # Read mask construction into position predicates (block skipping); False keeps masks as tensors.
     mask_predicates: bool = True
@@ -44,6 +46,37 @@ class Options:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    def run(self) -> "RunOptions":
+        """What the op calls of this compile carry for their run."""
+        return RunOptions(autotune=self.autotune, interpret=True if self.interpret else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How one op call runs, as its compile asked: the op's ``run`` argument, a short string
+    (custom ops take no objects) saved with the forward for its backward.  None: the process
+    default (``FUSEPASS_AUTOTUNE`` / ``FUSEPASS_INTERPRET``), as for a direct call of the op."""
+
+    autotune: Optional[bool] = None  # time kernel configs on the GPU
+    interpret: Optional[bool] = None  # CPU tensors run the kernels in Triton's interpreter
+
+    def encode(self) -> str:
+        return ",".join(f"{f.name}={int(v)}" for f in dataclasses.fields(self)
+                        if (v := getattr(self, f.name)) is not None)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def decode(text: str) -> "RunOptions":
+        values: dict[str, bool] = {}
+        names = {f.name for f in dataclasses.fields(RunOptions)}
+        for item in filter(None, text.split(",")):
+            name, _, value = item.partition("=")
+            if name not in names or value not in ("0", "1"):
+                raise ValueError(f"fusepass.attention: run option {item!r} is not one of "
+                                 f"{', '.join(sorted(names))} = 0/1")
+            values[name] = value == "1"
+        return RunOptions(**values)
 
 
 def _parse(field: dataclasses.Field, raw: Any, source: str) -> Any:

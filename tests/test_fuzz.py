@@ -116,7 +116,7 @@ def kernels_in_interpreter(tmp_path, monkeypatch):
     counter of forward kernel launches."""
     pytest.importorskip("triton")
     import fusepass.kernels.forward as forward
-    from fusepass.kernels import launch_common, support
+    from fusepass.kernels import launch_common
 
     monkeypatch.setenv("FUSEPASS_CACHE_DIR", str(tmp_path / "fusepass-cache"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -130,7 +130,6 @@ def kernels_in_interpreter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(forward, "attention_forward", counted)
     yield launches
-    support.configure(None)  # the interpret option is process-wide: later tests get the default back
 
 
 INTERPRET = {"inner": "eager", "interpret": True, "autotune": False}

@@ -153,14 +153,9 @@ def test_generate_bf16_on_cpu_follows_the_logits_rule():
 
 @pytest.fixture
 def interpreted_kernels():
-    """Options that run the Triton kernels in Triton's interpreter on CPU.  They apply
-    process-wide from the latest compile (docs/architecture.md), so they are undone after."""
-    from fusepass.autotune import provider
-    from fusepass.kernels import support
-
+    """Options that run the Triton kernels in Triton's interpreter on CPU (carried by the op
+    calls of that compile only)."""
     yield {"inner": "aot_eager", "interpret": True}
-    support.configure(None)
-    provider.configure(None)
 
 
 def test_generate_through_the_triton_kernels_on_cpu(interpreted_kernels, kernel_calls):

@@ -30,7 +30,7 @@ from fusepass.ops.dropout import keep_mask
 
 triton = pytest.importorskip("triton")
 
-from fusepass.kernels import launch_common, support  # noqa: E402
+from fusepass.kernels import launch_common  # noqa: E402
 
 CAUSAL = "j <= i + (N - M)"
 
@@ -238,7 +238,6 @@ def small_tiles(monkeypatch):
 @pytest.fixture
 def kernels(monkeypatch, tmp_path_factory):
     """The op runs the Triton kernels (interpreted on CPU), with poisoned outputs."""
-    monkeypatch.setattr(support, "_interpret_option", None)  # a compile's option would win
     monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
     monkeypatch.setenv("FUSEPASS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fusepass-cache"))
     monkeypatch.setattr(launch_common, "poison_outputs", True)
@@ -247,7 +246,6 @@ def kernels(monkeypatch, tmp_path_factory):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_reference(case, dtype, small_tiles, monkeypatch):
-    monkeypatch.setattr(support, "_interpret_option", None)
     monkeypatch.setenv("FUSEPASS_INTERPRET", "0")
     assert dispatch._kernel_reason(torch.empty(1, 1, 1, case.D, dtype=dtype), torch.empty(1), -math.inf)
     check_case(case, dtype)

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from fusepass.kernels import blockmap, launch_common, render, support  # noqa: E402
+from fusepass.kernels import blockmap, launch_common, render  # noqa: E402
 from fusepass.kernels.predicate_triton import to_triton  # noqa: E402
 from fusepass.kernels.support import fallback_reason, fp32_dot_precision  # noqa: E402
 from fusepass.masks.predicate import dense_keep  # noqa: E402
@@ -308,7 +308,6 @@ def check_empty(shape, device, monkeypatch):
 
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "B%d_Hq%d_Hkv%d_M%d_N%d" % s)
 def test_empty_problems(shape, monkeypatch):
-    monkeypatch.setattr(support, "_interpret_option", None)  # a compile's option would win
     monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
     check_empty(shape, "cpu", monkeypatch)
 
@@ -333,10 +332,11 @@ def test_kernel_tanh_is_accurate_near_zero():
     spec = KernelSpec.from_op(q, q, q, [], [], 30.0, 0.0, -math.inf, "", [])
     globals()["_template_tanh"] = kernel_module(spec, interpret=True)._tanh  # a jit global, not a closure
 
-    @triton.jit
-    def apply(X, Y, n: tl.constexpr):
-        offs = tl.arange(0, n)
-        tl.store(Y + offs, _template_tanh(tl.load(X + offs)))  # noqa: F821
+    with render._interpret_env(True):  # triton.jit reads TRITON_INTERPRET when it runs
+        @triton.jit
+        def apply(X, Y, n: tl.constexpr):
+            offs = tl.arange(0, n)
+            tl.store(Y + offs, _template_tanh(tl.load(X + offs)))  # noqa: F821
 
     x = torch.cat([torch.logspace(-8, 1.3, 250), -torch.logspace(-8, 1.3, 250), torch.tensor([0.0] * 8)])
     x = torch.cat([x, torch.tensor([30.0, -30.0, 100.0, -100.0])])  # 512 values

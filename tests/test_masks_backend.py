@@ -82,7 +82,7 @@ def _same(a, b) -> bool:
 def check_rewritten_graph(gm: fx.GraphModule, position_name: str, data_masks: int) -> fx.Node:
     """The op got the predicate; the graph computes no [M, N] mask beyond the data part."""
     (call,) = attention_calls(gm)
-    q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args = call.args
+    q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run = call.args
     assert biases == [], f"an additive mask stayed a bias: {biases}"
     assert len(masks) == data_masks, f"expected {data_masks} data mask(s), op got {masks}"
     if position_name:
@@ -496,8 +496,7 @@ def op_run(request, monkeypatch, tmp_path_factory):
     pytest.importorskip("triton")
     import fusepass.kernels.backward as kernel_bwd
     import fusepass.kernels.forward as kernel_fwd
-    from fusepass.autotune import provider
-    from fusepass.kernels import launch_common, support
+    from fusepass.kernels import launch_common
 
     for module, name, key in ((kernel_fwd, "attention_forward", "fwd"), (kernel_bwd, "attention_backward", "bwd")):
         real = getattr(module, name)
@@ -509,8 +508,6 @@ def op_run(request, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(launch_common, "poison_outputs", True)
     yield Run("interpreter", {**OPTIONS, "interpret": True, "autotune": False}, "cpu", calls)
-    support.configure(None)
-    provider.configure(None)
 
 
 def run_site(fn, inputs, grad_of):

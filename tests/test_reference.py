@@ -414,12 +414,26 @@ def _qkv():
         (lambda q, k, v: (q, k, v, dict(mask_expr="j - i")), "not bool"),
         (lambda q, k, v: (q, k, v, dict(mask_expr="j < i + a1", mask_args=[1])), "uses 2 mask_args"),
         (lambda q, k, v: (q, k, v, dict(dropout_p=1.0)), r"dropout_p must be in \[0, 1\)"),
+        (lambda q, k, v: (q, k, v, dict(dropout_p=0.5, seed=None)), "needs a seed"),
+        (lambda q, k, v: (q, k, v, dict(softcap=-1.0)), "softcap must be"),
+        (lambda q, k, v: (q, k, v, dict(softcap=float("nan"))), "softcap must be"),
+        (lambda q, k, v: (q, k, v, dict(scale=float("inf"))), "scale must be finite"),
     ],
     ids=["not_4d", "kv_mismatch", "heads", "dtype_mix", "int_dtype", "bias_shape", "bias_dtype",
-         "mask_dtype", "predicate_attr", "predicate_syntax", "predicate_not_bool", "predicate_args", "dropout_1"],
+         "mask_dtype", "predicate_attr", "predicate_syntax", "predicate_not_bool", "predicate_args", "dropout_1",
+         "dropout_no_seed", "softcap_negative", "softcap_nan", "scale_inf"],
 )
-def test_invalid_inputs_raise_value_error(make, match):
+@pytest.mark.parametrize("path", ["reference", "interpreter"])
+def test_invalid_inputs_raise_value_error(make, match, path, monkeypatch):
+    """Bad input is refused with one clear error, whichever implementation would run."""
+    if path == "interpreter":
+        monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
     q, k, v, kwargs = make(*_qkv())
+    if "seed" in kwargs:  # fused_attention draws a seed itself; call the op as the backend does
+        args = (q, k, v, [], [], None, 8 ** -0.5, 0.0, kwargs["dropout_p"], float("-inf"), "", [])
+        with pytest.raises(ValueError, match=match):
+            torch.ops.fusepass.attention(*args)
+        return
     with pytest.raises(ValueError, match=match):
         fused_attention(q, k, v, **kwargs)
 
@@ -462,9 +476,6 @@ def _check_empty(shape, device, dtype):
 
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "B%d_Hq%d_Hkv%d_M%d_N%d" % s)
 def test_empty_problems(shape, monkeypatch):
-    from fusepass.kernels import support
-
-    monkeypatch.setattr(support, "_interpret_option", None)  # a compile's option would win
     monkeypatch.setenv("FUSEPASS_INTERPRET", "0")
     _check_empty(shape, "cpu", torch.float32)
     # The reference's functions themselves, called directly.

@@ -142,8 +142,9 @@ def _resolve(m: Match, replaced: dict) -> None:
         mk.cond = get(mk.cond)
 
 
-def rewrite(gm: fx.GraphModule, m: Match, expand: tuple[bool, bool, bool], replaced: dict) -> None:
-    """Replace the site by one op call; ``replaced`` maps earlier sites' outputs to their new nodes."""
+def rewrite(gm: fx.GraphModule, m: Match, expand: tuple[bool, bool, bool], replaced: dict, run: str = "") -> None:
+    """Replace the site by one op call; ``replaced`` maps earlier sites' outputs to their new
+    nodes; ``run`` is the compile's RunOptions, encoded (the op's last argument)."""
     graph = gm.graph
     rank = m.scores_rank
     _resolve(m, replaced)
@@ -176,7 +177,7 @@ def rewrite(gm: fx.GraphModule, m: Match, expand: tuple[bool, bool, bool], repla
         call = graph.call_function(
             torch.ops.fusepass.attention.default,
             (q, k, v, biases, masks, seed, float(m.scale), float(m.softcap), float(m.dropout_p),
-             float(m.mask_fill), m.mask_expr, list(m.mask_args)),
+             float(m.mask_fill), m.mask_expr, list(m.mask_args), run),
         )
         out = graph.call_function(operator.getitem, (call, 0))
         if rank == 3:

@@ -46,7 +46,7 @@ def _map_args(lists: Optional[blockmap.TileLists]) -> list:
 def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, biases, masks, seed,
     scale: float, softcap: float, dropout_p: float, mask_fill: float, mask_expr: str, mask_args,
-    bias_needs_grad, config: Optional[KernelConfig] = None,
+    bias_needs_grad, config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """dq, dk, dv (shapes and dtypes of q, k, v) and one gradient per bias (empty if not needed)."""
     B, Hq, M, D = q.shape
@@ -60,7 +60,7 @@ def attention_backward(
                               bias_needs_grad=bias_needs_grad)
     interpret = q.device.type != "cuda"
     cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
-        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)), config)
+        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config)
     mod = kernel_module(spec, interpret)
     dq, dk, dv = new_like(q), new_like(k), new_like(v)
     dbiases, db_args, finish = [], [], []

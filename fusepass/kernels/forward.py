@@ -32,6 +32,7 @@ def grid(M: int, B: int, Hq: int, cfg: KernelConfig) -> tuple[int, int]:
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, biases, masks, seed, scale: float, softcap: float,
     dropout_p: float, mask_fill: float, mask_expr: str, mask_args, config: Optional[KernelConfig] = None,
+    autotune: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32; the op's semantics exactly."""
     B, Hq, M, D = q.shape
@@ -44,7 +45,7 @@ def attention_forward(
     spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args)
     interpret = q.device.type != "cuda"
     cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
-        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)), config)
+        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config)
     mod = kernel_module(spec, interpret)
     out = new_output((B, Hq, M, Dv), v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)

@@ -30,6 +30,8 @@ class ConfigQuery:
     # masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), so that a
     # provider can time this very variant (mask tensors, predicate arguments) on its own inputs.
     args: Optional[tuple] = dataclasses.field(default=None, compare=False, repr=False)
+    # The compile's autotune option for this call (None: the process default, FUSEPASS_AUTOTUNE).
+    autotune: Optional[bool] = None
 
 
 ConfigProvider = Callable[[ConfigQuery], Optional[KernelConfig]]

@@ -24,19 +24,8 @@ def _triton_version() -> Optional[str]:
     return triton.__version__
 
 
-# Set by the backend from options.interpret at each compile (the op carries no options);
-# None defers to the FUSEPASS_INTERPRET environment variable.
-_interpret_option: Optional[bool] = None
-
-
-def configure(interpret: Optional[bool]) -> None:
-    global _interpret_option
-    _interpret_option = interpret
-
-
 def interpret_requested() -> bool:
-    if _interpret_option is not None:
-        return _interpret_option
+    """The process default for CPU tensors (a compile's ``interpret`` option overrides it per call)."""
     return os.environ.get("FUSEPASS_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -94,7 +83,8 @@ def fp32_dot_precision() -> str:
     return "tf32" if precision == "tf32" else "ieee"
 
 
-def runtime_reason(q: torch.Tensor, v: torch.Tensor, mask_fill: float, softcap: float = 0.0) -> Optional[str]:
+def runtime_reason(q: torch.Tensor, v: torch.Tensor, mask_fill: float, softcap: float = 0.0, *,
+                   interpret: Optional[bool] = None) -> Optional[str]:
     cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
     return fallback_reason(q.device.type, q.dtype, q.shape[-1], v.shape[-1], mask_fill, capability=cap,
-                           softcap=softcap)
+                           softcap=softcap, interpret=interpret)

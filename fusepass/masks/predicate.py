@@ -76,6 +76,24 @@ def parse_ast(expr: str) -> ast.expr:
     return tree.body
 
 
+def is_boolean(expr: str) -> bool:
+    """Does the (valid) predicate give a bool, by its form: a comparison, a bool literal, or
+    ``&`` / ``|`` / ``~`` of such?  (``j - i`` is an int: refused before anything runs it.)"""
+
+    def boolean(node: ast.expr) -> bool:
+        if isinstance(node, ast.Compare):
+            return True
+        if isinstance(node, ast.Constant):
+            return isinstance(node.value, bool)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Invert):
+            return boolean(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+            return boolean(node.left) and boolean(node.right)
+        return False
+
+    return boolean(parse_ast(expr))
+
+
 def arg_count(expr: str) -> int:
     """How many ``a<k>`` arguments the predicate refers to (1 + the highest k)."""
     if not expr:

@@ -47,14 +47,16 @@ def attention(
     mask_fill: float,
     mask_expr: str,
     mask_args: list[int],
+    run: str = "",
 ) -> tuple[Tensor, Tensor]:
     return dispatch.forward(
-        q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args
+        q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run
     )
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args):
+def _attention_fake(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
+                    run=""):
     B, Hq, M, _ = q.shape
     out = q.new_empty((B, Hq, M, v.shape[-1]), dtype=v.dtype)
     lse = q.new_empty((B, Hq, M), dtype=torch.float32)
@@ -79,18 +81,19 @@ def attention_backward(
     mask_expr: str,
     mask_args: list[int],
     bias_needs_grad: list[bool],
+    run: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Gradients of q, k, v and of each bias whose flag is set (an empty tensor otherwise)."""
     return dispatch.backward(
         grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-        mask_fill, mask_expr, mask_args, bias_needs_grad,
+        mask_fill, mask_expr, mask_args, bias_needs_grad, run,
     )
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(
     grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-    mask_fill, mask_expr, mask_args, bias_needs_grad,
+    mask_fill, mask_expr, mask_args, bias_needs_grad, run="",
 ):
     # Bias gradients are contiguous whatever the bias's strides (dispatch.backward ensures it):
     # a T5 bias is a permuted embedding, and Inductor checks the real strides against these.
@@ -99,13 +102,14 @@ def _attention_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args = inputs
+    q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run = inputs
     out, lse = output
     ctx.n_biases = len(biases)
     ctx.n_masks = len(masks)
     ctx.has_seed = seed is not None
     ctx.bias_needs_grad = [bool(b.requires_grad) for b in biases]
     ctx.features = (scale, softcap, dropout_p, mask_fill, mask_expr, list(mask_args))
+    ctx.run = run  # the backward runs as its forward was asked to
     saved = [q, k, v, out, lse, *biases, *masks]
     if seed is not None:
         saved.append(seed)
@@ -134,13 +138,15 @@ def _backward(ctx, grad_out, grad_lse):
     else:
         dq, dk, dv, dbiases = attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-            mask_fill, mask_expr, mask_args, ctx.bias_needs_grad,
+            mask_fill, mask_expr, mask_args, ctx.bias_needs_grad, ctx.run,
         )
         bias_grads = [g if need else None for g, need in zip(dbiases, ctx.bias_needs_grad)]
     # The returned structure must match custom_op's flattening of the inputs: a non-empty int
-    # list is one leaf (grad None) but an empty list is an empty list.
-    return (dq, dk, dv, bias_grads, [None] * ctx.n_masks, None, None, None, None, None, None,
-            None if mask_args else [])
+    # list is one leaf (grad None) but an empty list is an empty list; and the dispatcher drops
+    # a trailing argument equal to its default, so run="" has no slot.
+    grads = (dq, dk, dv, bias_grads, [None] * ctx.n_masks, None, None, None, None, None, None,
+             None if mask_args else [])
+    return grads + ((None,) if ctx.run else ())
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -7,9 +7,12 @@ deep inside a kernel.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor
+
+from fusepass.options import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +53,50 @@ def validate(q: Tensor, k: Tensor, v: Tensor, biases, masks) -> None:
             fail(f"biases must be floating point, got {t.dtype}")
 
 
-def _kernel_reason(q: Tensor, v: Tensor, mask_fill: float, softcap: float = 0.0):
+def validate_params(seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args) -> None:
+    """The op's scalar parameters, checked the same way whichever implementation then runs."""
+    from fusepass.masks import predicate
+
+    def fail(msg: str):
+        raise ValueError(f"fusepass.attention: {msg}")
+
+    if not math.isfinite(scale):
+        fail(f"scale must be finite, got {scale}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        fail(f"softcap must be 0 (none) or a positive number, got {softcap}")
+    if not 0.0 <= dropout_p < 1.0:
+        fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and seed is None:
+        fail("dropout_p > 0 needs a seed tensor")
+    if mask_expr:
+        predicate.parse_ast(mask_expr)  # raises PredicateError (a ValueError) naming the problem
+        if not predicate.is_boolean(mask_expr):
+            fail(f"mask predicate {mask_expr!r} is not bool (a comparison, or & | ~ of comparisons)")
+        need = predicate.arg_count(mask_expr)
+        if need > len(mask_args):
+            fail(f"mask predicate {mask_expr!r} uses {need} mask_args, got {len(mask_args)}")
+
+
+def _kernel_reason(q: Tensor, v: Tensor, mask_fill: float, softcap: float = 0.0, run: RunOptions = RunOptions()):
     """None when the Triton kernels serve this call (see fusepass.kernels.support)."""
     from fusepass.kernels.support import runtime_reason
 
-    reason = runtime_reason(q, v, mask_fill, softcap)
+    reason = runtime_reason(q, v, mask_fill, softcap, interpret=run.interpret)
     if reason is not None:
         log.debug("fusepass.attention runs the reference: %s", reason)
     return reason
 
 
-def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args):
+def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run=""):
     validate(q, k, v, biases, masks)
-    if _kernel_reason(q, v, mask_fill, softcap) is None:
+    validate_params(seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
+    options = RunOptions.decode(run)
+    if _kernel_reason(q, v, mask_fill, softcap, options) is None:
         from fusepass.kernels.forward import attention_forward
 
         return attention_forward(
-            q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args
+            q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
+            autotune=options.autotune,
         )
     from . import reference
 
@@ -76,14 +106,19 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
 
 
 def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-             mask_fill, mask_expr, mask_args, bias_needs_grad):
-    if _kernel_reason(q, v, mask_fill, softcap) is None:
-        from fusepass.kernels.backward import attention_backward as run
+             mask_fill, mask_expr, mask_args, bias_needs_grad, run=""):
+    validate(q, k, v, biases, masks)
+    validate_params(seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
+    options = RunOptions.decode(run)
+    args = (grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+            mask_fill, mask_expr, mask_args, bias_needs_grad)
+    if _kernel_reason(q, v, mask_fill, softcap, options) is None:
+        from fusepass.kernels.backward import attention_backward
+
+        dq, dk, dv, dbiases = attention_backward(*args, autotune=options.autotune)
     else:
-        from .reference import attention_backward as run
-    dq, dk, dv, dbiases = run(
-        grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-        mask_fill, mask_expr, mask_args, bias_needs_grad,
-    )
+        from .reference import attention_backward
+
+        dq, dk, dv, dbiases = attention_backward(*args)
     # The fake implementation promises contiguous bias gradients (no copy when they are).
     return dq, dk, dv, [g.contiguous() for g in dbiases]
