@@ -1,19 +1,11 @@
-"""The config provider the kernel launchers call: one function from a call's tensors to a config.
+"""The autotuner's config provider for the kernel launchers (``fusepass.kernels.heuristics``):
+one function from a launch's query (shape, variant, the call's own arguments) to a config.
 
-A launcher does, per launch::
-
-    cfg = provider.select_config(
-        "fwd", q, k, v,
-        features=signature,               # mask/feature signature string of this kernel variant
-        template_hash=TEMPLATE_HASH,      # changes whenever the generated kernel does
-        default=heuristics.default_config(...),
-        bench_fn=provider.bench_on_random_inputs(_launch, q, k, v, ...),
-    )
-
-``select_config`` returns ``default`` without timing anything when autotuning is off
-(``options.autotune`` / ``FUSEPASS_AUTOTUNE=0``), on a non-CUDA device (the interpreter, CPU),
-or while a CUDA graph is being captured; otherwise it looks the key up (memory, then the
-cache file) and tunes on a miss.  Repeated calls for a known shape cost one dict lookup.
+``kernel_config_provider`` returns None (the launcher's heuristic default) when autotuning is
+off (the call's ``autotune`` run option, else ``FUSEPASS_AUTOTUNE``), on a non-CUDA device (the
+interpreter, CPU), or while a CUDA graph is being captured; otherwise it looks the key up
+(memory, then the cache file) and tunes on a miss, timing candidates on the call's own inputs.
+Repeated calls for a known shape cost one dict lookup.
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ import functools
 import logging
 import math
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -44,8 +36,9 @@ _fast_lock = threading.Lock()
 
 
 def configure(options: Options | None) -> None:
-    """Set the options the provider honours (the backend calls this when it compiles).
-    ``None`` goes back to the environment (``FUSEPASS_AUTOTUNE``)."""
+    """Set the process default for launches whose call carries no autotune option (a direct
+    call of the op; compiled calls carry their compile's).  ``None`` goes back to the
+    environment (``FUSEPASS_AUTOTUNE``)."""
     global _options
     _options = options
     with _fast_lock:
@@ -60,8 +53,8 @@ def current_options() -> Options:
 
 
 def autotune_enabled(options: Options | None = None) -> bool:
-    options = options or current_options()
-    return bool(options.autotune) and not options.interpret
+    """The process default for launches whose call carries no autotune option."""
+    return bool((options or current_options()).autotune)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,150 +65,12 @@ def device_info(index: int) -> tuple[str, tuple[int, int], int | None]:
     return props.name, (props.major, props.minor), (int(smem) if smem else None)
 
 
-def _hint(size: Any) -> int:
-    """A concrete int for a size that may be a SymInt (fake tensors), without adding guards."""
-    if isinstance(size, int):
-        return size
-    try:
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-        return int(optimization_hint(size))
-    except ImportError:  # older torch (2.11 on the device)
-        hint = getattr(getattr(size, "node", None), "hint", None)
-        return int(hint) if hint is not None else int(size)
-
-
-def problem_shape(q: Tensor, k: Tensor, v: Tensor) -> tuple[tuple[str, int], ...]:
-    """(("B", B), ("Hq", Hq), ("Hkv", Hkv), ("M", M), ("N", N), ("D", D), ("Dv", Dv)) of
-    q [B, Hq, M, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv]."""
-    B, Hq, M, D = (_hint(s) for s in q.shape)
-    _, Hkv, N, _ = (_hint(s) for s in k.shape)
-    Dv = _hint(v.shape[-1])
-    return (("B", B), ("Hq", Hq), ("Hkv", Hkv), ("M", M), ("N", N), ("D", D), ("Dv", Dv))
-
-
 def attention_flops(direction: str, shape: Sequence[tuple[str, int]], density: float = 1.0) -> float:
     """FLOPs of one call: forward 2*B*Hq*M*N*(D + Dv) (= 4*B*H*M*N*D when Dv = D) times the
     visible fraction ``density`` (0.5 for causal); backward 2.5x forward (fwd+bwd = 3.5x)."""
     s = dict(shape)
     fwd = 2.0 * s["B"] * s["Hq"] * s["M"] * s["N"] * (s["D"] + s["Dv"]) * density
     return fwd if direction == "fwd" else 2.5 * fwd
-
-
-def make_key(direction: str, q: Tensor, k: Tensor, v: Tensor, *, features: str, template_hash: str) -> TuneKey:
-    """The tune key of a call on CUDA tensors q [B, Hq, M, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv]."""
-    name, capability, _ = device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    shape = dict(problem_shape(q, k, v))
-    return TuneKey.build(
-        gpu=name,
-        capability=capability,
-        template_hash=template_hash,
-        dtype=q.dtype,
-        head_dim=shape["D"],
-        value_head_dim=shape["Dv"],
-        seq_q=shape["M"],
-        seq_k=shape["N"],
-        direction=direction,
-        features=features,
-        gqa_group=max(1, shape["Hq"] // max(1, shape["Hkv"])),
-    )
-
-
-def random_like(t: Any) -> Any:
-    """A real tensor with ``t``'s sizes, strides, dtype and device, filled with random values
-    (``t`` may be a fake tensor); None and non-tensors pass through."""
-    if not isinstance(t, Tensor):
-        return t
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    size = [_hint(s) for s in t.shape]
-    stride = [_hint(s) for s in t.stride()]
-    with unset_fake_temporarily(), torch.no_grad():
-        out = torch.empty_strided(size, stride, dtype=t.dtype, device=t.device)
-        if t.dtype == torch.bool:
-            out.copy_(torch.rand(size, device=t.device) < 0.5)
-        elif t.dtype.is_floating_point and t.element_size() > 1:
-            out.normal_()
-        elif t.dtype.is_floating_point:  # fp8: no normal_ kernel; fill in fp16 and cast
-            out.copy_(torch.randn(size, device=t.device, dtype=torch.float16))
-        else:
-            out.copy_(torch.randint(0, 2**16, size, device=t.device, dtype=t.dtype))
-    return out
-
-
-def bench_on_random_inputs(launch: Callable[..., object], *tensors: Any) -> BenchFn:
-    """A ``bench_fn`` for :func:`select_config`: ``launch(cfg, *inputs)`` on random tensors
-    shaped like ``tensors`` (built once, on the first config timed, so a cache hit allocates
-    nothing)."""
-    inputs: list[Any] = []
-
-    def bench_fn(cfg: KernelConfig) -> Runner:
-        if not inputs:
-            inputs.extend(random_like(t) for t in tensors)
-        return functools.partial(launch, cfg, *inputs)
-
-    return bench_fn
-
-
-def _default_candidates(key: TuneKey, device: torch.device, warp_specialize: bool) -> list[KernelConfig]:
-    _, capability, smem = device_info(device.index if device.index is not None else torch.cuda.current_device())
-    arch = arch_for(capability, smem)
-    return space.candidates(
-        arch, key.head_dim, key.dtype, value_head_dim=key.value_head_dim, direction=key.direction,
-        m_bucket=key.m_bucket, n_bucket=key.n_bucket, warp_specialize=warp_specialize,
-    )
-
-
-def select_config(
-    direction: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    features: str,
-    template_hash: str,
-    default: KernelConfig,
-    bench_fn: BenchFn,
-    candidates: Sequence[KernelConfig] | None = None,
-    options: Options | None = None,
-    density: float = 1.0,
-    warp_specialize: bool = False,
-    tuner: Tuner | None = None,
-) -> KernelConfig:
-    """The config to launch ``direction`` ("fwd"/"bwd") with for this call (see module doc).
-
-    ``features`` is the kernel variant's mask/feature signature, ``density`` the visible
-    fraction of (i, j) pairs (for the TFLOP/s recorded), ``warp_specialize`` whether the
-    template can use warp specialization (adds that knob to the sm90 space).
-    """
-    if not autotune_enabled(options) or q.device.type not in TIMED_DEVICE_TYPES:
-        return default
-    # Everything the key depends on, cheaply: B and the head counts only enter through G.
-    fast = (direction, q.device.index, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // max(1, k.shape[1]),
-            bucket(q.shape[-2]), bucket(k.shape[-2]), features, template_hash, id(tuner))
-    cfg = _fast.get(fast)
-    if cfg is not None:
-        return cfg
-    if torch.cuda.is_current_stream_capturing():
-        log.debug("fusepass autotune: CUDA graph capture in progress; using the default config")
-        return default
-    key = make_key(direction, q, k, v, features=features, template_hash=template_hash)
-    tuner = tuner or default_tuner()
-    entry = tuner.lookup(key)
-    if entry is not None:
-        cfg = entry.config
-    else:
-        shape = problem_shape(q, k, v)
-        if candidates is None:
-            candidates = _default_candidates(key, q.device, warp_specialize)
-        cfg = tuner.tune(
-            key, space.with_default(candidates, default), bench_fn, default=default, shape=shape,
-            flops=attention_flops(direction, shape, density),
-        )
-    with _fast_lock:
-        _fast[fast] = cfg
-    return cfg
-
 
 
 # -- the kernel launchers' hook (fusepass.kernels.heuristics.set_config_provider) ----------------
@@ -345,7 +200,8 @@ def kernel_config_provider(query: Any) -> KernelConfig | None:
     """``fusepass.kernels.heuristics.ConfigProvider``: the tuned config for one launch, or None
     (the launcher then uses ``heuristics.default_config``) when autotuning is off, the device is
     not CUDA, a CUDA graph is being captured, or the call cannot be timed."""
-    if not autotune_enabled() or query.device.type not in TIMED_DEVICE_TYPES:
+    wanted = query.autotune if query.autotune is not None else autotune_enabled()
+    if not wanted or query.device.type not in TIMED_DEVICE_TYPES:
         return None
     from ..kernels import heuristics
 

@@ -8,7 +8,6 @@ compile or launch raises is skipped (logged at DEBUG) — pruning is an estimate
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import math
@@ -53,18 +52,6 @@ def announce(message: str, *args: object) -> None:
 
 class TuningFailed(RuntimeError):
     """Every candidate failed to compile or run and there was no default to fall back to."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneRequest:
-    """One key to tune, with what it takes to time it (for :meth:`Tuner.tune_many`)."""
-
-    key: TuneKey
-    candidates: Sequence[KernelConfig]
-    bench_fn: BenchFn
-    default: KernelConfig | None = None
-    shape: tuple[tuple[str, int], ...] = ()
-    flops: float | None = None
 
 
 class Tuner:
@@ -117,20 +104,6 @@ class Tuner:
             if self.persist:
                 self.cache.put(key, entry)
             return entry.config
-
-    def tune_many(self, requests: Sequence[TuneRequest]) -> list[KernelConfig]:
-        """Tune several keys (e.g. every site of one compile) with a progress count over the
-        keys that are not known yet: ``tuning 2/5 ...``."""
-        with self._lock:
-            todo = [r for r in requests if self.lookup(r.key) is None and r.key not in self._failed]
-            seen: set[TuneKey] = set()
-            todo = [r for r in todo if not (r.key in seen or seen.add(r.key))]
-            if todo:
-                announce("fusepass autotune: %d of %d keys need tuning", len(todo), len(requests))
-            for i, r in enumerate(todo, 1):
-                self.tune(r.key, r.candidates, r.bench_fn, default=r.default, shape=r.shape,
-                          flops=r.flops, progress=(i, len(todo)))
-            return [self.tune(r.key, r.candidates, r.bench_fn, default=r.default) for r in requests]
 
     def _time(self, key, candidates, bench_fn, default, shape, flops, progress) -> CacheEntry | None:
         order = list(candidates)
