@@ -12,7 +12,6 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from .autotune import provider
 from .kernels import support
 from .graph import matcher, mutations, nodes, predicates, rewrite
 from .graph.contractions import Refusal
@@ -167,9 +166,8 @@ def fusepass_backend(
 ) -> Callable:
     """``torch.compile(model, backend="fusepass", options={...})``."""
     opts = resolve_options(options)
-    # Kernel launches get their configs from the autotuner; whether to tune (and where to run)
-    # travels in each op call this compile emits (Options.run), not in process state.
-    provider.install()
+    # Whether to tune (and where to run) travels in each op call this compile emits
+    # (Options.run), not in process state.
     records, guards, original = fuse_attention(gm, opts, example_inputs)
     for recorder in _recorders:
         recorder.extend(records)

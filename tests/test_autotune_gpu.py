@@ -121,16 +121,15 @@ def test_backward_tuned_is_at_least_as_fast_as_default(tuner):
 
 SCRIPT = textwrap.dedent("""
     import json, torch
+    import fusepass
     from fusepass.autotune import provider, tuner
-    from fusepass.kernels.forward import attention_forward
+    from fusepass.kernels.heuristics import ConfigQuery
     from fusepass.kernels.spec import KernelSpec
-    provider.install()
     q, k, v = (torch.randn(2, 8, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    attention_forward(q, k, v, [], [], None, 0.125, 0.0, 0.0, float("-inf"), "", [])
+    fusepass.fused_attention(q, k, v, scale=0.125)  # the op: dispatch hands its launch the tuner
     torch.cuda.synchronize()
     spec = KernelSpec.from_op(q, k, v, [], [], 0.0, 0.0, float("-inf"), "", [])
-    key = provider.make_key("fwd", q, k, v, features=provider.feature_signature(spec),
-                            template_hash=provider.template_hash())
+    key = provider.query_key(ConfigQuery("fwd", spec, q.dtype, 2, 8, 8, 1000, 1000, q.device))
     entry = tuner.default_tuner().lookup(key)
     print(json.dumps({"tuned": tuner.default_tuner().tuned_count,
                       "config": entry.config.as_dict() if entry else None}))

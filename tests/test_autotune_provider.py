@@ -116,33 +116,40 @@ def test_kernel_hook_end_to_end_through_the_interpreter(monkeypatch, tmp_path):
         provider._fast.clear()
 
 
-def test_first_launch_installs_the_autotuner_and_passes_the_calls_own_arguments(monkeypatch):
-    """Calling the op without torch.compile still goes through the autotuner, and the query
-    carries the call's mask tensors and predicate (what the tuner needs to time this variant)."""
+def test_the_op_passes_the_autotuner_the_calls_own_arguments(monkeypatch):
+    """The op (ops/dispatch, the one wiring point) hands the launchers the autotuner, and the
+    query carries the call's mask tensors and predicate (what the tuner needs to time this
+    variant); the launchers called alone never reach the tuner."""
     heur = pytest.importorskip("fusepass.kernels.heuristics")
     forward = pytest.importorskip("fusepass.kernels.forward")
+    from fusepass.ops.attention import fused_attention
+
     seen = []
 
     def recorder(query):
         seen.append(query)
         return None  # the launch then runs the heuristic default
 
-    monkeypatch.setattr(heur, "_provider", heur._UNSET)
     monkeypatch.setattr(provider, "kernel_config_provider", recorder)
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
     q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
     mask = torch.rand(1, 1, 16, 16) < 0.7
-    out, _ = forward.attention_forward(q, k, v, [], [mask], None, 0.25, 0.0, 0.0, float("-inf"), "j <= i", [])
-    assert heur.get_config_provider() is recorder
+    out = fused_attention(q, k, v, masks=[mask], scale=0.25, mask_expr="j <= i")
     (query,) = seen
     assert query.direction == "fwd" and query.args is not None
     assert query.args[1][0] is mask and query.args[7] == "j <= i" and query.args[3] == 0.25
     assert heur.default_for(query) == heur.default_config(None, torch.float32, 16, "fwd")
     assert torch.isfinite(out).all()
+    forward.attention_forward(q, k, v, [], [mask], None, 0.25, 0.0, 0.0, float("-inf"), "j <= i", [])
+    assert len(seen) == 1
 
 
-def test_a_removed_provider_stays_removed(monkeypatch):
-    heur = pytest.importorskip("fusepass.kernels.heuristics")
-    monkeypatch.setattr(heur, "_provider", heur._UNSET)
-    monkeypatch.setattr(provider, "kernel_config_provider", lambda query: pytest.fail("provider called"))
-    heur.set_config_provider(None)
-    assert heur.get_config_provider() is None
+def test_kernels_do_not_import_the_tuner():
+    import subprocess
+    import sys
+
+    code = ("import sys; import fusepass.kernels.forward, fusepass.kernels.backward; "
+            "print(any(m.startswith('fusepass.autotune.provider') or m.startswith('fusepass.autotune.tuner') "
+            "for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

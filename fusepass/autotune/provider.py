@@ -73,7 +73,7 @@ def attention_flops(direction: str, shape: Sequence[tuple[str, int]], density: f
     return fwd if direction == "fwd" else 2.5 * fwd
 
 
-# -- the kernel launchers' hook (fusepass.kernels.heuristics.set_config_provider) ----------------
+# -- the launchers' config provider (passed to them by fusepass.ops.dispatch) ----------------
 
 _warned: set[str] = set()
 
@@ -242,10 +242,3 @@ def kernel_config_provider(query: Any) -> KernelConfig | None:
     with _fast_lock:
         _fast[fast] = cfg
     return cfg
-
-
-def install() -> None:
-    """Route every kernel launch's config through the autotuner (idempotent)."""
-    from ..kernels import heuristics
-
-    heuristics.set_config_provider(kernel_config_provider)

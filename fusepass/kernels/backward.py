@@ -23,7 +23,7 @@ from torch import Tensor
 from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
-from .heuristics import ConfigQuery, choose
+from .heuristics import ConfigProvider, ConfigQuery, choose
 from .launch_common import (cdiv, extra_args, head_dims, launch_fitting, natural_units, new_like, new_output, scalar_args,
                             seed_tensor, spec_module, strides4)
 from .spec import KernelSpec, padded_head_dim
@@ -47,6 +47,7 @@ def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, biases, masks, seed,
     scale: float, softcap: float, dropout_p: float, mask_fill: float, mask_expr: str, mask_args,
     bias_needs_grad, config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
+    config_for: Optional[ConfigProvider] = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """dq, dk, dv (shapes and dtypes of q, k, v) and one gradient per bias (empty if not needed)."""
     B, Hq, M, D = q.shape
@@ -60,7 +61,7 @@ def attention_backward(
                               bias_needs_grad=bias_needs_grad)
     interpret = q.device.type != "cuda"
     cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
-        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config)
+        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config, config_for)
     mod = kernel_module(spec, interpret)
     dq, dk, dv = new_like(q), new_like(k), new_like(v)
     dbiases, db_args, finish = [], [], []

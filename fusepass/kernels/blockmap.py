@@ -35,13 +35,15 @@ from typing import Optional, Sequence
 import torch
 
 from fusepass.masks.predicate import evaluate_torch
+from fusepass.masks.tiles import Tile
 
 from .launch_common import cdiv
 from .predicate_triton import uses_names
 
 log = logging.getLogger(__name__)
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+# The tile classes as plain ints (int8 tensors hold them): the one enum is masks.tiles.Tile.
+EMPTY, PARTIAL, FULL = int(Tile.EMPTY), int(Tile.PARTIAL), int(Tile.FULL)
 _CACHE_SIZE = 128
 _cache: "collections.OrderedDict[tuple, BlockMap]" = collections.OrderedDict()
 _lock = threading.Lock()

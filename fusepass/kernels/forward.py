@@ -12,7 +12,7 @@ from torch import Tensor
 from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
-from .heuristics import ConfigQuery, choose, set_config_provider  # noqa: F401  (re-exported hook)
+from .heuristics import ConfigProvider, ConfigQuery, choose
 from .launch_common import cdiv, spec_module, extra_args, head_dims, launch_fitting, new_output, scalar_args, seed_tensor
 from .spec import KernelSpec
 
@@ -32,7 +32,7 @@ def grid(M: int, B: int, Hq: int, cfg: KernelConfig) -> tuple[int, int]:
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, biases, masks, seed, scale: float, softcap: float,
     dropout_p: float, mask_fill: float, mask_expr: str, mask_args, config: Optional[KernelConfig] = None,
-    autotune: Optional[bool] = None,
+    autotune: Optional[bool] = None, config_for: Optional[ConfigProvider] = None,
 ) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32; the op's semantics exactly."""
     B, Hq, M, D = q.shape
@@ -45,7 +45,7 @@ def attention_forward(
     spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args)
     interpret = q.device.type != "cuda"
     cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
-        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config)
+        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config, config_for)
     mod = kernel_module(spec, interpret)
     out = new_output((B, Hq, M, Dv), v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)

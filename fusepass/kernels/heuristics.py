@@ -1,4 +1,4 @@
-"""Default launch configs, and the hook through which the autotuner supplies tuned ones."""
+"""Default launch configs, and the query a config provider (the autotuner) is asked."""
 
 from __future__ import annotations
 
@@ -34,26 +34,9 @@ class ConfigQuery:
     autotune: Optional[bool] = None
 
 
+# What a launcher may be given to pick its config (the autotuner's, passed by ops/dispatch):
+# a config, or None for the heuristic default.  The kernels never import the tuner.
 ConfigProvider = Callable[[ConfigQuery], Optional[KernelConfig]]
-_UNSET = object()  # no provider chosen yet: the first launch installs the autotuner's
-_provider = _UNSET
-
-
-def set_config_provider(fn: Optional[ConfigProvider]) -> None:
-    """Install ``fn(query) -> KernelConfig | None`` (None: use the default); None removes it
-    (and keeps it removed: the autotuner is then not installed on the next launch)."""
-    global _provider
-    _provider = fn
-
-
-def get_config_provider() -> Optional[ConfigProvider]:
-    """The installed provider; the autotuner's unless one was set (or None set) before."""
-    if _provider is _UNSET:
-        # Direct calls of the op (no torch.compile, hence no backend to install it) are tuned too.
-        from fusepass.autotune import provider as autotune_provider
-
-        autotune_provider.install()
-    return _provider  # type: ignore[return-value]
 
 
 def arch_of(device: torch.device) -> Optional[tuple[int, int]]:
@@ -107,10 +90,11 @@ def default_for(query: ConfigQuery) -> KernelConfig:
                           query.direction, skipping=query.spec.block_map, kv_len=query.kv_len)
 
 
-def choose(query: ConfigQuery, explicit: Optional[KernelConfig]) -> KernelConfig:
+def choose(query: ConfigQuery, explicit: Optional[KernelConfig],
+           provider: Optional[ConfigProvider] = None) -> KernelConfig:
+    """The launch's config: ``explicit``, else the provider's, else the heuristic default."""
     if explicit is not None:
         return explicit
-    provider = get_config_provider()
     if provider is not None:
         cfg = provider(query)
         if cfg is not None:

@@ -1,4 +1,6 @@
-"""Chooses how the op runs for given inputs: the generated Triton kernels or the PyTorch reference.
+"""Chooses how the op runs for given inputs: the generated Triton kernels (with the config the
+autotuner gives them) or the PyTorch reference.  The one wiring point of the runtime: the
+kernels know nothing of the tuner.
 
 Inputs are validated here, once, so that bad input gets a clear error instead of a crash
 deep inside a kernel.
@@ -12,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from fusepass.autotune import provider as tuning  # the one place launches meet the tuner
 from fusepass.options import RunOptions
 
 log = logging.getLogger(__name__)
@@ -96,7 +99,7 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
 
         return attention_forward(
             q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
-            autotune=options.autotune,
+            autotune=options.autotune, config_for=tuning.kernel_config_provider,
         )
     from . import reference
 
@@ -115,7 +118,8 @@ def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, d
     if _kernel_reason(q, v, mask_fill, softcap, options) is None:
         from fusepass.kernels.backward import attention_backward
 
-        dq, dk, dv, dbiases = attention_backward(*args, autotune=options.autotune)
+        dq, dk, dv, dbiases = attention_backward(*args, autotune=options.autotune,
+                                                 config_for=tuning.kernel_config_provider)
     else:
         from .reference import attention_backward
 
