@@ -24,6 +24,9 @@ from . import space
 from .config import KernelConfig, arch_for
 from .key import TuneKey, bucket
 from .tuner import BenchFn, Runner, Tuner, default_tuner
+from ..kernels.backward import attention_backward
+from ..kernels.forward import attention_forward
+from ..kernels.heuristics import ConfigQuery, LaunchArgs
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +78,6 @@ def attention_flops(direction: str, shape: Sequence[tuple[str, int]], density: f
 
 # -- the launchers' config provider (passed to them by fusepass.ops.dispatch) ----------------
 
-_warned: set[str] = set()
-
-
-def _warn_once(tag: str, message: str, *args: Any) -> None:
-    if tag not in _warned:
-        _warned.add(tag)
-        log.warning(message, *args)
-
-
 def template_hash() -> str:
     """The templates' hash (owned by ``fusepass.kernels.render``): any edit to a template
     makes old tuned configs stale."""
@@ -113,7 +107,7 @@ def feature_signature(spec: Any) -> str:
     return ",".join(parts)
 
 
-def _synthetic_args(query: Any, q: Tensor) -> tuple | None:
+def _synthetic_args(query: ConfigQuery, q: Tensor) -> LaunchArgs | None:
     """The op's non-q/k/v arguments for timing when the query does not carry the call's own:
     broadcast [1, 1, M, N] biases and all-true masks.  None when they cannot be made up (a
     predicate with runtime arguments: their values decide which tiles run)."""
@@ -129,11 +123,11 @@ def _synthetic_args(query: Any, q: Tensor) -> tuple | None:
         masks = [torch.ones(1, 1, M, N, dtype=torch.bool, device=q.device) for _ in range(spec.n_masks)]
     seed = torch.tensor(1234, dtype=torch.int64, device=q.device) if spec.dropout else None
     fill = torch.finfo(q.dtype).min if spec.finite_fill else float("-inf")
-    return (biases, masks, seed, spec.head_dim ** -0.5, 30.0 if spec.softcap else 0.0,
-            0.1 if spec.dropout else 0.0, fill, spec.expr, [])
+    return LaunchArgs(biases, masks, seed, spec.head_dim ** -0.5, 30.0 if spec.softcap else 0.0,
+                      0.1 if spec.dropout else 0.0, fill, spec.expr, [])
 
 
-def _kernel_bench_fn(query: Any) -> BenchFn | None:
+def _kernel_bench_fn(query: ConfigQuery) -> BenchFn | None:
     """``bench_fn`` that calls the kernel launcher with an explicit config on random q, k, v of
     the query's shape (and the call's own other arguments when the query has ``args``)."""
     B, Hq, Hkv, M, N = query.batch, query.q_heads, query.kv_heads, query.q_len, query.kv_len
@@ -147,7 +141,7 @@ def _kernel_bench_fn(query: Any) -> BenchFn | None:
                 q = torch.randn(B, Hq, M, D, dtype=dtype, device=device)
                 k = torch.randn(B, Hkv, N, D, dtype=dtype, device=device)
                 v = torch.randn(B, Hkv, N, Dv, dtype=dtype, device=device)
-            args = getattr(query, "args", None)
+            args = query.args
             if args is None:
                 args = _synthetic_args(query, q)
             state.update(q=q, k=k, v=v, args=args)
@@ -159,7 +153,6 @@ def _kernel_bench_fn(query: Any) -> BenchFn | None:
         return state
 
     if query.direction == "fwd":
-        from ..kernels.forward import attention_forward
 
         def bench_fwd(cfg: KernelConfig) -> Runner:
             s = inputs()
@@ -167,23 +160,18 @@ def _kernel_bench_fn(query: Any) -> BenchFn | None:
 
         return bench_fwd
 
-    try:
-        from ..kernels.backward import attention_backward
-    except ImportError:
-        _warn_once("no-bwd", "fusepass autotune: fusepass.kernels.backward is missing; backward uses the default config")
-        return None
-    grads = tuple(bool(m) for m in getattr(query.spec, "bias_grad", ()))
+    grads = tuple(bool(m) for m in query.spec.bias_grad)
 
     def bench_bwd(cfg: KernelConfig) -> Runner:
         s = inputs()
-        needs = list(grads) or [False] * len(s["args"][0])
+        needs = list(grads) or [False] * len(s["args"].biases)
         return functools.partial(attention_backward, s["dout"], s["q"], s["k"], s["v"], s["out"], s["lse"],
                                  *s["args"], needs, config=cfg)
 
     return bench_bwd
 
 
-def query_key(query: Any) -> TuneKey:
+def query_key(query: ConfigQuery) -> TuneKey:
     """The tune key of one launch (``fusepass.kernels.heuristics.ConfigQuery``) on a CUDA device."""
     spec = query.spec
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
@@ -196,7 +184,7 @@ def query_key(query: Any) -> TuneKey:
     )
 
 
-def kernel_config_provider(query: Any) -> KernelConfig | None:
+def kernel_config_provider(query: ConfigQuery) -> KernelConfig | None:
     """``fusepass.kernels.heuristics.ConfigProvider``: the tuned config for one launch, or None
     (the launcher then uses ``heuristics.default_config``) when autotuning is off, the device is
     not CUDA, a CUDA graph is being captured, or the call cannot be timed."""
@@ -222,7 +210,7 @@ def kernel_config_provider(query: Any) -> KernelConfig | None:
         cfg = entry.config
     else:
         bench_fn = _kernel_bench_fn(query)
-        if bench_fn is None or (getattr(query, "args", None) is None and spec.n_args):
+        if bench_fn is None or (query.args is None and spec.n_args):
             log.debug("fusepass autotune: cannot time %s without the call's mask arguments; default config",
                       key.describe())
             return None

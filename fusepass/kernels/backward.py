@@ -23,7 +23,7 @@ from torch import Tensor
 from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
-from .heuristics import ConfigProvider, ConfigQuery, choose
+from .heuristics import ConfigProvider, ConfigQuery, LaunchArgs, choose
 from .launch_common import (cdiv, extra_args, head_dims, launch_fitting, natural_units, new_like, new_output, scalar_args,
                             seed_tensor, spec_module, strides4)
 from .spec import KernelSpec, padded_head_dim
@@ -60,7 +60,7 @@ def attention_backward(
     spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args,
                               bias_needs_grad=bias_needs_grad)
     interpret = q.device.type != "cuda"
-    cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
+    cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=LaunchArgs(
         biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config, config_for)
     mod = kernel_module(spec, interpret)
     dq, dk, dv = new_like(q), new_like(k), new_like(v)

@@ -12,7 +12,7 @@ from torch import Tensor
 from fusepass.autotune.config import KernelConfig
 
 from . import blockmap, render
-from .heuristics import ConfigProvider, ConfigQuery, choose
+from .heuristics import ConfigProvider, ConfigQuery, LaunchArgs, choose
 from .launch_common import cdiv, spec_module, extra_args, head_dims, launch_fitting, new_output, scalar_args, seed_tensor
 from .spec import KernelSpec
 
@@ -44,7 +44,7 @@ def attention_forward(
                 torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
     spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args)
     interpret = q.device.type != "cuda"
-    cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=(
+    cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=LaunchArgs(
         biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config, config_for)
     mod = kernel_module(spec, interpret)
     out = new_output((B, Hq, M, Dv), v.dtype, q.device)

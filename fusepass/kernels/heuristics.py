@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from fusepass.autotune.config import KernelConfig
 
+from .spec import KernelSpec
+
 log = logging.getLogger(__name__)
+
+
+class LaunchArgs(NamedTuple):
+    """A launch's arguments after q, k, v, by name (the launchers take them in this order)."""
+
+    biases: Sequence[torch.Tensor]
+    masks: Sequence[torch.Tensor]
+    seed: Optional[torch.Tensor]
+    scale: float
+    softcap: float
+    dropout_p: float
+    mask_fill: float
+    mask_expr: str
+    mask_args: Sequence[int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +34,7 @@ class ConfigQuery:
     """What a config provider is asked: one launch's shape and features."""
 
     direction: str  # "fwd" or "bwd"
-    spec: object  # fusepass.kernels.spec.KernelSpec
+    spec: KernelSpec
     dtype: torch.dtype
     batch: int
     q_heads: int
@@ -26,10 +42,9 @@ class ConfigQuery:
     q_len: int
     kv_len: int
     device: torch.device
-    # The launch's other arguments, as the forward launcher takes them after q, k, v (biases,
-    # masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), so that a
-    # provider can time this very variant (mask tensors, predicate arguments) on its own inputs.
-    args: Optional[tuple] = dataclasses.field(default=None, compare=False, repr=False)
+    # The launch's other arguments, so that a provider can time this very variant (mask
+    # tensors, predicate arguments) on its own inputs.
+    args: Optional[LaunchArgs] = dataclasses.field(default=None, compare=False, repr=False)
     # The compile's autotune option for this call (None: the process default, FUSEPASS_AUTOTUNE).
     autotune: Optional[bool] = None
 
