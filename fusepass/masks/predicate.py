@@ -76,6 +76,7 @@ def parse_ast(expr: str) -> ast.expr:
     return tree.body
 
 
+@functools.lru_cache(maxsize=256)
 def is_boolean(expr: str) -> bool:
     """Does the (valid) predicate give a bool, by its form: a comparison, a bool literal, or
     ``&`` / ``|`` / ``~`` of such?  (``j - i`` is an int: refused before anything runs it.)"""

@@ -20,7 +20,6 @@ from fusepass.options import RunOptions
 log = logging.getLogger(__name__)
 
 
-
 def validate(q: Tensor, k: Tensor, v: Tensor, biases, masks) -> None:
     def fail(msg: str):
         raise ValueError(f"fusepass.attention: {msg}")
