@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fusepass
+from attention_programs import MATMULS  # the spellings of a batched product, shared with the fuzzer
 from conftest import assert_close_to_reference
 from e2e_util import fresh_leaves
 
@@ -71,12 +72,6 @@ K_FORMS = {
 }
 K_LAYOUT = {"stored [D, N]": "bhdn", "permute [B, N, H, D]": "bnhd"}
 
-MATMULS = {
-    "@": lambda a, b: a @ b,
-    "torch.matmul": lambda a, b: torch.matmul(a, b),
-    "Tensor.matmul": lambda a, b: a.matmul(b),
-    "torch.bmm": lambda a, b: torch.bmm(a, b),
-}
 BADDBMMS = ("baddbmm beta=0 empty", "baddbmm beta=0 nan buffer", "baddbmm beta=1 bias")
 
 # einsum spellings of Q·Kᵀ: equation, layouts of (q, k).
