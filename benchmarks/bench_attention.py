@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fusepass.autotune.provider import kernel_config_provider as tuned  # what the op hands the launchers
 from fusepass.kernels.backward import attention_backward
 from fusepass.kernels.forward import attention_forward
+from fusepass.ops.dispatch import backward_call, forward_call
 
 
 def fusepass_fn(q, k, v, causal):
@@ -34,15 +35,15 @@ def fusepass_fn(q, k, v, causal):
     class Fn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            o, lse = attention_forward(q, k, v, [], [], None, scale, 0.0, 0.0, -math.inf, expr, [], config_for=tuned)
+            o, lse = attention_forward(forward_call(q, k, v, [], [], None, scale, 0.0, 0.0, -math.inf, expr, []), config_for=tuned)
             ctx.save_for_backward(q, k, v, o, lse)
             return o
 
         @staticmethod
         def backward(ctx, do):
             q, k, v, o, lse = ctx.saved_tensors
-            dq, dk, dv, _ = attention_backward(do.contiguous(), q, k, v, o, lse, [], [], None, scale, 0.0, 0.0,
-                                               -math.inf, expr, [], [], config_for=tuned)
+            dq, dk, dv, _ = attention_backward(backward_call(do.contiguous(), q, k, v, o, lse, [], [], None, scale, 0.0, 0.0,
+                                               -math.inf, expr, [], []), config_for=tuned)
             return dq, dk, dv
 
     return lambda: Fn.apply(q, k, v)

@@ -50,6 +50,7 @@ def kernels(args) -> list[dict]:
     from fusepass.kernels.forward import attention_forward
     from fusepass.kernels.heuristics import ConfigQuery
     from fusepass.kernels.spec import KernelSpec
+    from fusepass.ops.dispatch import backward_call, forward_call
 
     provider.install()
     tuner = default_tuner()
@@ -68,10 +69,11 @@ def kernels(args) -> list[dict]:
         q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         expr = "j <= i + (N - M)" if causal else ""
         call = ([], [], None, D ** -0.5, 0.0, 0.0, -math.inf, expr, [])
-        spec_f = KernelSpec.from_op(q, k, v, [], [], 0.0, 0.0, -math.inf, expr, [])
-        spec_b = KernelSpec.from_op(q, k, v, [], [], 0.0, 0.0, -math.inf, expr, [], bias_needs_grad=[])
-        qf = ConfigQuery("fwd", spec_f, q.dtype, B, H, H, N, N, q.device, args=call)
-        qb = ConfigQuery("bwd", spec_b, q.dtype, B, H, H, N, N, q.device, args=call)
+        fcall = forward_call(q, k, v, *call)
+        spec_f = KernelSpec.for_call(fcall)
+        spec_b = KernelSpec.for_call(fcall, bias_needs_grad=[])
+        qf = ConfigQuery("fwd", spec_f, q.dtype, B, H, H, N, N, q.device, call=fcall)
+        qb = ConfigQuery("bwd", spec_b, q.dtype, B, H, H, N, N, q.device, call=fcall)
         row = dict(D=D, N=N, B=B, H=H, causal=causal)
         cfgs = {}
         for name, query in (("fwd", qf), ("bwd", qb)):
@@ -91,18 +93,18 @@ def kernels(args) -> list[dict]:
         (cf, df), (cb, db) = cfgs["fwd"], cfgs["bwd"]
 
         def fwd(c):
-            return lambda: attention_forward(q, k, v, *call, config=c)
+            return lambda: attention_forward(fcall, config=c)
 
         def fwd_bwd(c_f, c_b):
             def step():
-                o, lse = attention_forward(q, k, v, *call, config=c_f)
-                attention_backward(do, q, k, v, o, lse, *call, [], config=c_b)
+                o, lse = attention_forward(fcall, config=c_f)
+                attention_backward(backward_call(do, q, k, v, o, lse, *call, []), config=c_b)
             return step
 
         flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
         # Correctness of the tuned configs against the defaults (same math, other tiling).
-        o_t, _ = attention_forward(q, k, v, *call, config=cf)
-        o_d, _ = attention_forward(q, k, v, *call, config=df)
+        o_t, _ = attention_forward(fcall, config=cf)
+        o_d, _ = attention_forward(fcall, config=df)
         row["fwd_rel_diff"] = float(((o_t.float() - o_d.float()).norm() / o_d.float().norm()).item())
         for mode, tuned_fn, default_fn, f in (("fwd", fwd(cf), fwd(df), flops),
                                               ("fwd+bwd", fwd_bwd(cf, cb), fwd_bwd(df, db), 3.5 * flops)):

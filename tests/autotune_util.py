@@ -7,7 +7,7 @@ import functools
 from typing import Any
 
 from fusepass.autotune.cache import CacheEntry
-from fusepass.autotune.config import KernelConfig
+from fusepass.autotune.config import ForwardConfig
 from fusepass.autotune.key import TuneKey
 
 
@@ -20,13 +20,13 @@ def make_key(**overrides: Any) -> TuneKey:
     return TuneKey.build(**fields)
 
 
-def make_entry(ms: float = 0.5, cfg: KernelConfig | None = None, **overrides: Any) -> CacheEntry:
-    cfg = cfg or KernelConfig(128, 64, 8, 3)
+def make_entry(ms: float = 0.5, cfg: ForwardConfig | None = None, **overrides: Any) -> CacheEntry:
+    cfg = cfg or ForwardConfig(128, 64, 8, 3)
     base = CacheEntry(
-        config=cfg, time_ms=ms, runner_up=((KernelConfig(64, 64, 4, 2), ms * 1.5),),
+        config=cfg, time_ms=ms, runner_up=((ForwardConfig(64, 64, 4, 2), ms * 1.5),),
         tuned_at="2026-11-21T06:00:00+00:00", tuning_seconds=2.5,
         shape=(("B", 4), ("Hq", 16), ("Hkv", 16), ("M", 1000), ("N", 1000), ("D", 128), ("Dv", 128)),
-        tflops=123.4, default_config=KernelConfig(64, 64, 4, 2), default_ms=ms * 1.5, candidates=7,
+        tflops=123.4, default_config=ForwardConfig(64, 64, 4, 2), default_ms=ms * 1.5, candidates=7,
     )
     return dataclasses.replace(base, **overrides)
 
@@ -35,18 +35,18 @@ class FakeTimer:
     """Times a runner by looking its config up in ``times``; counts what it timed.
     ``bench_fn`` makes runners that record each launch."""
 
-    def __init__(self, times: dict[KernelConfig, float], fail: frozenset = frozenset()) -> None:
+    def __init__(self, times: dict[ForwardConfig, float], fail: frozenset = frozenset()) -> None:
         self.times = times
         self.fail = fail
-        self.timed: list[KernelConfig] = []
-        self.launched: list[KernelConfig] = []
+        self.timed: list[ForwardConfig] = []
+        self.launched: list[ForwardConfig] = []
 
-    def _launch(self, cfg: KernelConfig) -> None:
+    def _launch(self, cfg: ForwardConfig) -> None:
         if cfg in self.fail:
             raise RuntimeError(f"out of resources: {cfg}")
         self.launched.append(cfg)
 
-    def bench_fn(self, cfg: KernelConfig):
+    def bench_fn(self, cfg: ForwardConfig):
         return functools.partial(self._launch, cfg)
 
     def __call__(self, runner) -> float:

@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close_to_reference
 from fusepass.masks.predicate import dense_keep
 from fusepass.ops import dropout as dr
+from fusepass.ops.dispatch import backward_call, forward_call
 
 
 def dense_attention(q, k, v, biases, masks, seed, scale, softcap, p, fill, expr, args):
@@ -83,7 +84,7 @@ def run_case(case: Case, device="cpu", backward=True, factor=4.0):
     q, k, v, biases, masks, seed = case.tensors(device)
     scale = case.D ** -0.5
     feats = (seed, scale, case.softcap, case.dropout_p, case.fill, case.expr, list(case.args))
-    out, lse = attention_forward(q, k, v, biases, masks, *feats)
+    out, lse = attention_forward(forward_call(q, k, v, biases, masks, *feats))
 
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, *biases)]
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, *biases)]
@@ -95,7 +96,7 @@ def run_case(case: Case, device="cpu", backward=True, factor=4.0):
         return
     need = [case.bias_grad] * len(biases)
     do = torch.randn_like(out)
-    dq, dk, dv, dbs = attention_backward(do, q, k, v, out, lse, biases, masks, *feats, need)
+    dq, dk, dv, dbs = attention_backward(backward_call(do, q, k, v, out, lse, biases, masks, *feats, need))
     ref, _ = dense_attention(*leaves64[:3], leaves64[3:], masks, *feats)
     eager, _ = dense_attention(*leaves[:3], leaves[3:], masks, *feats)
     g64 = torch.autograd.grad(ref, leaves64, do.double())

@@ -16,7 +16,7 @@ import pytest
 from autotune_util import make_entry, make_key
 from fusepass.autotune import cache as cache_mod
 from fusepass.autotune.cache import CacheFileError, TuneCache, default_cache_dir, stale_reasons
-from fusepass.autotune.config import KernelConfig
+from fusepass.autotune.config import ForwardConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # Makes ``fusepass`` importable without running fusepass/__init__.py (which imports torch and the
@@ -213,3 +213,25 @@ def test_unwritable_directory_warns_once_and_does_not_raise(tmp_path, caplog):
         assert not cache.put(make_key(), make_entry())
         assert not cache.put(make_key(direction="bwd"), make_entry())
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_version_1_files_are_migrated(tmp_path):
+    """Version 1 had one config type for both directions (a backward's BLOCK_N was the tile a
+    program owns, BLOCK_M its step) and a warp_specialize knob no template read."""
+    from fusepass.autotune.config import BackwardConfig
+
+    cache = TuneCache(tmp_path)
+    fwd_key, bwd_key = make_key(), make_key(direction="bwd")
+    v1 = lambda m, n: {"BLOCK_M": m, "BLOCK_N": n, "num_warps": 8, "num_stages": 2, "warp_specialize": False}  # noqa: E731
+    entry = lambda c: {**make_entry().to_json(), "config": c, "default_config": c, "runner_up": [[c, 0.9]]}  # noqa: E731
+    doc = {"format": "fusepass-autotune", "version": 1,
+           "entries": {fwd_key.to_string(): entry(v1(128, 64)), bwd_key.to_string(): entry(v1(64, 128))}}
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
+    cache.path.write_text(json.dumps(doc))
+    assert cache.get(fwd_key).config == ForwardConfig(128, 64, 8, 2)
+    got = cache.get(bwd_key)
+    want = BackwardConfig(BLOCK_OWN=128, BLOCK_STEP=64, num_warps=8, num_stages=2)
+    assert got.config == want and got.default_config == want and got.runner_up[0][0] == want
+    cache.put(make_key(seq_q=8000), make_entry())  # the next write stores version 2
+    raw = json.loads(cache.path.read_text())
+    assert raw["version"] == 2 and raw["entries"][bwd_key.to_string()]["config"]["BLOCK_OWN"] == 128

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from fusepass.autotune import provider
-from fusepass.autotune.config import KernelConfig
+from fusepass.autotune.config import ForwardConfig, config_type
 from fusepass.options import Options
+from fusepass.ops.dispatch import backward_call, forward_call
 
-DEFAULT = KernelConfig(64, 64, 4, 2)
+DEFAULT = ForwardConfig(64, 64, 4, 2)
 
 
 def _never(cfg):
@@ -88,11 +89,11 @@ def test_kernel_hook_end_to_end_through_the_interpreter(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     launched = []
 
-    def timer(runner):  # runs the real launch once; "time" favours BLOCK_M 16 with 4 warps, 2 stages
+    def timer(runner):  # runs the real launch once; "time" favours query tiles of 16 with 4 warps, 2 stages
         out = runner()
         cfg = runner.keywords["config"]  # the launcher gets the config as a keyword
         launched.append((cfg, out))
-        return 1.0 + abs(cfg.BLOCK_M - 16) + abs(cfg.num_warps - 4) + abs(cfg.num_stages - 2)
+        return 1.0 + abs(cfg.query_tile - 16) + abs(cfg.num_warps - 4) + abs(cfg.num_stages - 2)
 
     tuner = Tuner(TuneCache(tmp_path), timer)
     set_default_tuner(tuner)
@@ -102,7 +103,8 @@ def test_kernel_hook_end_to_end_through_the_interpreter(monkeypatch, tmp_path):
             spec = spec_mod.KernelSpec(head_dim=16, v_head_dim=16, expr="j <= i")
             query = heur.ConfigQuery(direction, spec, torch.float32, 1, 2, 1, 16, 16, torch.device("cpu"))
             cfg = provider.kernel_config_provider(query)
-            assert cfg is not None and cfg.BLOCK_M == 16 and cfg.num_warps == 4 and cfg.num_stages == 2
+            assert isinstance(cfg, config_type(direction))
+            assert cfg.query_tile == 16 and cfg.num_warps == 4 and cfg.num_stages == 2
             assert launched and all(isinstance(out, tuple) for _, out in launched)
             n = len(launched)
             assert provider.kernel_config_provider(query) == cfg and len(launched) == n
@@ -136,11 +138,11 @@ def test_the_op_passes_the_autotuner_the_calls_own_arguments(monkeypatch):
     mask = torch.rand(1, 1, 16, 16) < 0.7
     out = fused_attention(q, k, v, masks=[mask], scale=0.25, mask_expr="j <= i")
     (query,) = seen
-    assert query.direction == "fwd" and query.args is not None
-    assert query.args[1][0] is mask and query.args[7] == "j <= i" and query.args[3] == 0.25
+    assert query.direction == "fwd" and query.call is not None
+    assert query.call.masks[0] is mask and query.call.mask_expr == "j <= i" and query.call.scale == 0.25
     assert heur.default_for(query) == heur.default_config(None, torch.float32, 16, "fwd")
     assert torch.isfinite(out).all()
-    forward.attention_forward(q, k, v, [], [mask], None, 0.25, 0.0, 0.0, float("-inf"), "j <= i", [])
+    forward.attention_forward(forward_call(q, k, v, [], [mask], None, 0.25, 0.0, 0.0, float("-inf"), "j <= i", []))
     assert len(seen) == 1
 
 

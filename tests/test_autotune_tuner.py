@@ -10,14 +10,14 @@ import pytest
 from autotune_util import FakeTimer, make_key
 from fusepass.autotune import tuner as tuner_mod
 from fusepass.autotune.cache import TuneCache
-from fusepass.autotune.config import KernelConfig, arch_for
+from fusepass.autotune.config import ForwardConfig, arch_for
 from fusepass.autotune.space import candidates
 from fusepass.autotune.tuner import Tuner, TuningFailed
 
 CANDS = candidates(arch_for((9, 0)), 128, "bf16", m_bucket=1024, n_bucket=1024)
 
 
-def random_times(seed: int) -> dict[KernelConfig, float]:
+def random_times(seed: int) -> dict[ForwardConfig, float]:
     rng = random.Random(seed)
     return {c: rng.uniform(0.1, 2.0) for c in CANDS}
 
@@ -54,7 +54,7 @@ def test_runs_once_per_key_in_memory_and_across_tuners(tmp_path):
 
 def test_default_is_always_timed_and_recorded(tmp_path):
     times = random_times(3)
-    default = KernelConfig(32, 32, 2, 1)  # not in the space
+    default = ForwardConfig(32, 32, 2, 1)  # not in the space
     times[default] = 5.0
     timer = FakeTimer(times)
     tuner = Tuner(TuneCache(tmp_path), timer)

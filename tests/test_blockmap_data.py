@@ -19,6 +19,7 @@ from fusepass.masks.predicate import dense_keep  # noqa: E402
 
 from conftest import assert_close_to_reference  # noqa: E402
 from kernel_cases import dense_attention  # noqa: E402
+from fusepass.ops.dispatch import backward_call, forward_call
 
 CAUSAL = "j <= i + (N - M)"
 
@@ -184,7 +185,7 @@ def _run(q, k, v, masks, expr="", args=(), fill=-math.inf, backward=True, poison
     # ``poison_v``: the kernels read it instead of v; the references read the clean v (the
     # poisoned keys are invisible to every query, so the exact answer is the same).
     vk = v if poison_v is None else poison_v
-    out, lse = attention_forward(q, k, vk, [], masks, *feats)
+    out, lse = attention_forward(forward_call(q, k, vk, [], masks, *feats))
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ref, ref_lse = dense_attention(*leaves64, [], masks, *feats)
@@ -194,7 +195,7 @@ def _run(q, k, v, masks, expr="", args=(), fill=-math.inf, backward=True, poison
     if not backward:
         return out, None
     do = torch.randn_like(out)
-    dq, dk, dv, _ = attention_backward(do, q, k, vk, out, lse, [], masks, *feats, [])
+    dq, dk, dv, _ = attention_backward(backward_call(do, q, k, vk, out, lse, [], masks, *feats, []))
     ref, _ = dense_attention(*leaves64, [], masks, *feats)
     eager, _ = dense_attention(*leaves, [], masks, *feats)
     g64 = torch.autograd.grad(ref, leaves64, do.double())

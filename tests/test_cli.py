@@ -15,7 +15,7 @@ import pytest
 from autotune_util import make_entry, make_key
 from fusepass import cli
 from fusepass.autotune.cache import TuneCache
-from fusepass.autotune.config import KernelConfig
+from fusepass.autotune.config import ForwardConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The same ``main`` as ``python -m fusepass`` in a fresh process, through the real package
@@ -41,7 +41,7 @@ KEYS = {
 def cache_dir(tmp_path):
     cache = TuneCache(tmp_path / "cache")
     for i, (name, key) in enumerate(KEYS.items()):
-        cache.put(key, make_entry(0.1 * (i + 1), cfg=KernelConfig(64 * (1 + i % 2), 64, 4, 2 + i % 2)))
+        cache.put(key, make_entry(0.1 * (i + 1), cfg=ForwardConfig(64 * (1 + i % 2), 64, 4, 2 + i % 2)))
     return tmp_path / "cache"
 
 

@@ -80,7 +80,7 @@ def check_generate(name: str, cache: str, sizes: Sizes, device: str, dtype: torc
     """The whole check for one model and cache (see the module docstring).
 
     ``exact_tokens``: tokens must equal eager's; the logits rule applies either way.
-    ``kernel_calls``: test_models_gpu's counter of kernel launches, to require that every
+    ``kernel_calls``: test_models_gpu's counter of kernel launches (``LaunchCounter``), to require that every
     fused call ran the Triton forward kernel (None: not checked).
     """
     label = f"{name}/{cache}/{dtype}"
@@ -137,7 +137,7 @@ def check_generate(name: str, cache: str, sizes: Sizes, device: str, dtype: torc
     )
     if kernel_calls is not None:
         # Every fused call launched the Triton forward kernel; none ran the PyTorch reference.
-        assert kernel_calls == Counter({"fwd": ops[FUSED_OP]}), dict(kernel_calls)
+        assert kernel_calls.counts() == Counter({"fwd": ops[FUSED_OP]}), dict(kernel_calls.counts())
 
 
 @pytest.mark.parametrize("cache", CACHES)

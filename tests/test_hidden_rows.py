@@ -25,12 +25,13 @@ import torch
 import fusepass.ops.attention  # noqa: F401  (registers torch.ops.fusepass.*)
 from conftest import assert_close_to_reference
 from fusepass.masks.predicate import dense_keep
-from fusepass.ops import dispatch, reference
+from fusepass.ops import reference
 from fusepass.ops.dropout import keep_mask
 
 triton = pytest.importorskip("triton")
 
 from fusepass.kernels import launch_common  # noqa: E402
+from fusepass.kernels.support import runtime_reason  # noqa: E402
 
 CAUSAL = "j <= i + (N - M)"
 
@@ -247,14 +248,14 @@ def kernels(monkeypatch, tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_reference(case, dtype, small_tiles, monkeypatch):
     monkeypatch.setenv("FUSEPASS_INTERPRET", "0")
-    assert dispatch._kernel_reason(torch.empty(1, 1, 1, case.D, dtype=dtype), torch.empty(1), -math.inf)
+    assert runtime_reason(torch.empty(1, 1, 1, case.D, dtype=dtype), torch.empty(1), -math.inf)
     check_case(case, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_kernels(case, dtype, kernels):
-    assert dispatch._kernel_reason(torch.empty(1, 1, 1, case.D, dtype=dtype), torch.empty(1, case.D), -math.inf) is None
+    assert runtime_reason(torch.empty(1, 1, 1, case.D, dtype=dtype), torch.empty(1, case.D), -math.inf) is None
     check_case(case, dtype)
 
 
@@ -277,6 +278,6 @@ GPU_PARAMS = [pytest.param(c, dt, id=f"{c.name}-{name}") for c in GPU_CASES
 @pytest.mark.gpu
 @pytest.mark.parametrize("case,dtype", GPU_PARAMS)
 def test_gpu_kernels(case, dtype):
-    assert dispatch._kernel_reason(torch.empty(1, 1, 1, case.D, dtype=dtype, device="cuda"),
+    assert runtime_reason(torch.empty(1, 1, 1, case.D, dtype=dtype, device="cuda"),
                                    torch.empty(1, case.D, device="cuda"), -math.inf) is None
     check_case(case, dtype, device="cuda")

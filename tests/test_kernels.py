@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from fusepass.kernels import blockmap, launch_common, render  # noqa: E402
 from fusepass.kernels.predicate_triton import to_triton  # noqa: E402
+from fusepass.ops.dispatch import backward_call, forward_call  # noqa: E402
 from fusepass.kernels.support import fallback_reason, fp32_dot_precision  # noqa: E402
 from fusepass.masks.predicate import dense_keep  # noqa: E402
 
@@ -122,7 +123,7 @@ def test_fp32_follows_tf32_setting(tf32):
 
     q = torch.randn(1, 1, 4, 16)
     with _cuda_fp32_matmul(tf32, _preferred_api()):
-        assert KernelSpec.from_op(q, q, q, [], [], 0.0, 0.0, -math.inf, "", []).precision == ("tf32" if tf32 else "ieee")
+        assert KernelSpec.for_call(forward_call(q, q, q, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])).precision == ("tf32" if tf32 else "ieee")
 
 
 def _dropout_out(p, N=64, seed=99):
@@ -132,7 +133,7 @@ def _dropout_out(p, N=64, seed=99):
     q = torch.zeros(1, 2, 48, 16)
     k = torch.randn(1, 2, N, 16)
     v = torch.eye(N).expand(1, 2, N, N).contiguous()
-    out, _ = attention_forward(q, k, v, [], [], torch.tensor(seed), 1.0, 0.0, p, -math.inf, "", [])
+    out, _ = attention_forward(forward_call(q, k, v, [], [], torch.tensor(seed), 1.0, 0.0, p, -math.inf, "", []))
     return out
 
 
@@ -219,16 +220,16 @@ def test_value_tiles_are_never_narrower_than_key_tiles(d, dv, tile):
     """The V / output tile is at least 64 wide and at least the K tile's width (narrower ones
     gave wrong outputs and illegal memory accesses on the H200), and the launch, the variant
     (masked V loads) and the autotuner's shared-memory estimate all use that one width."""
-    from fusepass.autotune.config import KernelConfig, shared_memory_bytes
+    from fusepass.autotune.config import ForwardConfig, shared_memory_bytes
     from fusepass.kernels.limits import value_tile_dim
     from fusepass.kernels.spec import KernelSpec
 
     assert value_tile_dim(d, dv) == tile
     q, k, v = torch.empty(1, 1, 8, d), torch.empty(1, 1, 8, d), torch.empty(1, 1, 8, dv)
-    spec = KernelSpec.from_op(q, k, v, [], [], 0.0, 0.0, -math.inf, "", [])
+    spec = KernelSpec.for_call(forward_call(q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
     assert launch_common.head_dims(spec)["HEAD_DIM_V_P"] == tile
     assert spec.render_params()["even_dv"] == (dv == tile)
-    cfg = KernelConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    cfg = ForwardConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     d_tile = max(16, 1 << (d - 1).bit_length())
     assert shared_memory_bytes(cfg, d, torch.bfloat16, value_head_dim=dv) == 2 * (64 * d_tile + 2 * 64 * (d_tile + tile))
 
@@ -255,6 +256,7 @@ def test_op_runs_kernels_under_interpret(monkeypatch):
 
 
 from kernel_cases import EMPTY_SHAPES  # noqa: E402
+from fusepass.ops.dispatch import backward_call, forward_call
 
 
 def _eager_empty(q, k, v, bias, mask, expr):
@@ -299,10 +301,10 @@ def check_empty(shape, device, monkeypatch):
     from fusepass.kernels.forward import attention_forward
 
     feats = (None, 0.25, 0.0, 0.0, float("-inf"), CAUSAL, [])
-    out2, lse2 = attention_forward(q.detach(), k.detach(), v.detach(), [bias.detach()], [mask], *feats)
+    out2, lse2 = attention_forward(forward_call(q.detach(), k.detach(), v.detach(), [bias.detach()], [mask], *feats))
     assert torch.equal(out2, want) and torch.equal(lse2, want_lse)
-    g2 = attention_backward(torch.ones_like(out2), q.detach(), k.detach(), v.detach(), out2, lse2, [bias.detach()],
-                            [mask], *feats, [True])
+    g2 = attention_backward(backward_call(torch.ones_like(out2), q.detach(), k.detach(), v.detach(), out2, lse2,
+                                          [bias.detach()], [mask], *feats, [True]))
     assert all(torch.equal(a, torch.zeros_like(a)) for a in (*g2[:3], *g2[3]))
 
 
@@ -329,7 +331,7 @@ def test_kernel_tanh_is_accurate_near_zero():
     from fusepass.kernels.spec import KernelSpec
 
     q = torch.empty(1, 1, 4, 16)
-    spec = KernelSpec.from_op(q, q, q, [], [], 30.0, 0.0, -math.inf, "", [])
+    spec = KernelSpec.for_call(forward_call(q, q, q, [], [], None, 1.0, 30.0, 0.0, -math.inf, "", []))
     globals()["_template_tanh"] = kernel_module(spec, interpret=True)._tanh  # a jit global, not a closure
 
     with render._interpret_env(True):  # triton.jit reads TRITON_INTERPRET when it runs

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernel_cases import Case, run_case
+from fusepass.ops.dispatch import forward_call
 
 pytestmark = pytest.mark.gpu
 
@@ -42,7 +43,7 @@ def test_cuda_graph_and_no_recompile_per_length():
 
     dev = "cuda"
     q, k, v = (torch.randn(1, 4, 64, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    spec = KernelSpec.from_op(q, k, v, [], [], 0.0, 0.0, -math.inf, "", [])
+    spec = KernelSpec.for_call(forward_call(q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
     kernel = kernel_module(spec, False).attn_fwd
 
     def compiled():
@@ -54,18 +55,18 @@ def test_cuda_graph_and_no_recompile_per_length():
     before = None
     for N in (1000, 1500, 2048):
         q, k, v = (torch.randn(1, 4, N, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
-        attention_forward(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, "", [])
+        attention_forward(forward_call(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, "", []))
         before = compiled() if before is None else before
     if before is not None:
         assert compiled() == before, "a new sequence length compiled a new kernel"
     # Capture and replay under a CUDA graph (block map cached by a warm-up call first).
     q, k, v = (torch.randn(2, 4, 512, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    attention_forward(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, CAUSAL, [])
+    attention_forward(forward_call(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, CAUSAL, []))
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         with torch.cuda.graph(g):
-            out, _ = attention_forward(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, CAUSAL, [])
+            out, _ = attention_forward(forward_call(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, CAUSAL, []))
     for _ in range(2):
         q.copy_(torch.randn_like(q))
         g.replay()

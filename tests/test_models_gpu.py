@@ -116,36 +116,39 @@ def _loss(outs: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+class LaunchCounter:
+    """Increments of a counter since the last ``clear()``, plus counts of its own (``extra``)."""
+
+    def __init__(self, source: Counter) -> None:
+        self.source = source
+        self.clear()
+
+    def clear(self) -> None:
+        self.base, self.extra = Counter(self.source), Counter()
+
+    def counts(self) -> Counter:
+        return (Counter(self.source) - self.base) + self.extra
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts, per key, launches of fusepass's Triton kernels ("fwd", "dkdv", "dq": one
-    ``launch_fitting`` each) and calls of the PyTorch reference ("reference_fwd", "reference_bwd")."""
-    import fusepass.kernels.backward as kernels_bwd
-    import fusepass.kernels.forward as kernels_fwd
+    """Counts, per key, launches of fusepass's Triton kernels ("fwd", "dkdv", "dq", "rowstats":
+    ``launch_common.launches``, read as a difference from the fixture's start) and calls of the
+    PyTorch reference ("reference_fwd", "reference_bwd")."""
     import fusepass.ops.reference as reference
+    from fusepass.kernels import launch_common
 
-    calls: Counter[str] = Counter()
-
-    def count_launches(module):
-        real = module.launch_fitting
-
-        def launch_fitting(key, cfg, launch):
-            calls[key[0]] += 1
-            return real(key, cfg, launch)
-
-        monkeypatch.setattr(module, "launch_fitting", launch_fitting)
+    calls = LaunchCounter(launch_common.launches)
 
     def count_reference(name, key):
         real = getattr(reference, name)
 
         def counted(*args, **kwargs):
-            calls[key] += 1
+            calls.extra[key] += 1
             return real(*args, **kwargs)
 
         monkeypatch.setattr(reference, name, counted)
 
-    count_launches(kernels_fwd)
-    count_launches(kernels_bwd)
     count_reference("attention_forward", "reference_fwd")
     count_reference("attention_backward", "reference_bwd")
     return calls
@@ -176,7 +179,7 @@ def test_gpu_eval_forward_fused_through_kernels(name, dtype, kernel_calls):
         torch.cuda.synchronize()
     assert unique_graphs() == graphs, "the second call compiled again"
     assert ops[FUSED_OP] == layers, dict(ops)
-    assert kernel_calls == Counter({"fwd": layers}), dict(kernel_calls)
+    assert kernel_calls.counts() == Counter({"fwd": layers}), dict(kernel_calls.counts())
 
 
 @pytest.mark.parametrize("name,dtype", PARAMS)
@@ -209,6 +212,7 @@ def test_gpu_train_gradients_fused_through_kernels(name, dtype, kernel_calls):
     assert ops[FUSED_OP] == layers, dict(ops)
     assert ops[FUSED_BACKWARD_OP] == layers, dict(ops)
     # Sites with a bias also launch the row-statistics pass (exact rows near a large fill).
-    rowstats = kernel_calls.pop("rowstats", 0)
-    assert kernel_calls == Counter({"fwd": layers, "dkdv": layers, "dq": layers}), dict(kernel_calls)
+    counts = kernel_calls.counts()
+    rowstats = counts.pop("rowstats", 0)
+    assert counts == Counter({"fwd": layers, "dkdv": layers, "dq": layers}), dict(counts)
     assert rowstats <= layers

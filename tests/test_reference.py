@@ -439,6 +439,7 @@ def test_invalid_inputs_raise_value_error(make, match, path, monkeypatch):
 
 
 from kernel_cases import EMPTY_SHAPES  # noqa: E402
+from fusepass.ops.dispatch import backward_call, forward_call
 
 
 def _check_empty(shape, device, dtype):
@@ -482,9 +483,9 @@ def test_empty_problems(shape, monkeypatch):
     B, Hq, Hkv, M, N = shape
     q, k, v = torch.randn(B, Hq, M, 16), torch.randn(B, Hkv, N, 16), torch.randn(B, Hkv, N, 8)
     feats = (None, 0.25, 0.0, 0.0, float("-inf"), "", [])
-    out, lse = reference.attention_forward(q, k, v, [], [], *feats)
+    out, lse = reference.attention_forward(forward_call(q, k, v, [], [], *feats))
     assert torch.equal(out, torch.zeros(B, Hq, M, 8)) and torch.equal(lse, torch.full((B, Hq, M), -math.inf))
-    for g, t in zip(reference.attention_backward(torch.ones_like(out), q, k, v, out, lse, [], [], *feats, [])[:3],
+    for g, t in zip(reference.attention_backward(backward_call(torch.ones_like(out), q, k, v, out, lse, [], [], *feats, []))[:3],
                     (q, k, v)):
         assert torch.equal(g, torch.zeros_like(t))
 

@@ -19,7 +19,8 @@ def attention(q, k, v):
 
 @pytest.fixture
 def launches(monkeypatch, tmp_path):
-    """Which implementation each op call ran, and the autotune option each kernel launch saw."""
+    """Which implementation each op call ran with the autotune option of its call, and what
+    the autotuner was asked (once per launch plan: a repeated call reuses its plan)."""
     import fusepass.kernels.forward as kernels
     import fusepass.ops.reference as reference
     from fusepass.autotune import provider
@@ -28,7 +29,7 @@ def launches(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSEPASS_CACHE_DIR", str(tmp_path))
     seen: list[tuple] = []
     real_kernels, real_reference = kernels.attention_forward, reference.attention_forward
-    monkeypatch.setattr(kernels, "attention_forward", lambda *a, **kw: seen.append(("kernels",)) or real_kernels(*a, **kw))
+    monkeypatch.setattr(kernels, "attention_forward", lambda call, **kw: seen.append(("kernels", call.run.autotune)) or real_kernels(call, **kw))
     monkeypatch.setattr(reference, "attention_forward",
                         lambda *a, **kw: seen.append(("reference",)) or real_reference(*a, **kw))
     # The op hands the launchers the autotuner's provider; record what it is asked instead.
@@ -42,7 +43,7 @@ def test_two_compiles_keep_their_own_options(launches):
     interpreted = torch.compile(attention, backend="fusepass",
                                 options={"inner": "aot_eager", "interpret": True, "autotune": False})
     torch.testing.assert_close(interpreted(q, k, v), attention(q, k, v))
-    assert launches == [("kernels",), ("fwd", False)]
+    assert launches == [("kernels", False), ("fwd", False)]
 
     launches.clear()
     plain = torch.compile(lambda q, k, v: attention(q, k, v) * 1.0, backend="fusepass", options={"inner": "aot_eager"})
@@ -51,14 +52,14 @@ def test_two_compiles_keep_their_own_options(launches):
 
     launches.clear()
     interpreted(q, k, v)  # the later compile changed nothing for the first one
-    assert launches == [("kernels",), ("fwd", False)]
+    assert launches == [("kernels", False)]
 
     launches.clear()
     tuned = torch.compile(lambda q, k, v: attention(q, k, v) + 0.0, backend="fusepass",
                           options={"inner": "aot_eager", "interpret": True, "autotune": True})
     tuned(q, k, v)
     interpreted(q, k, v)
-    assert launches == [("kernels",), ("fwd", True), ("kernels",), ("fwd", False)]
+    assert launches == [("kernels", True), ("fwd", True), ("kernels", False)]
 
 
 def test_the_backward_runs_as_its_forward_was_asked(launches):

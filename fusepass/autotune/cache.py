@@ -27,14 +27,15 @@ from typing import Any, Callable, Iterable, Mapping
 
 from fusepass.cache_dir import cache_root
 
-from .config import KernelConfig
+from .config import LaunchConfig, config_from_dict
 from .key import TuneKey
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "autotune.json"
 FILE_FORMAT = "fusepass-autotune"
-FILE_VERSION = 1
+# 2: backward configs name their tiles (BLOCK_OWN, BLOCK_STEP); version 1 files are migrated.
+FILE_VERSION = 2
 # How long a writer waits for another process's write before giving up on persisting.
 # NOTE: a write holds the lock for milliseconds; a minute means something is stuck.
 LOCK_TIMEOUT_S = 60.0
@@ -59,14 +60,14 @@ def default_cache_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class CacheEntry:
-    config: KernelConfig  # the winner
+    config: LaunchConfig  # the winner
     time_ms: float  # its median time
-    runner_up: tuple[tuple[KernelConfig, float], ...]  # next best (config, ms), fastest first
+    runner_up: tuple[tuple[LaunchConfig, float], ...]  # next best (config, ms), fastest first
     tuned_at: str  # ISO-8601 UTC time of tuning
     tuning_seconds: float  # wall time spent tuning this key (compiles included)
     shape: tuple[tuple[str, int], ...] = ()  # the shape it was tuned on: (("B", 4), ("Hq", 16), ...)
     tflops: float | None = None  # achieved TFLOP/s of the winner at that shape, when FLOPs were given
-    default_config: KernelConfig | None = None  # the heuristic default, when it was timed too
+    default_config: LaunchConfig | None = None  # the heuristic default, when it was timed too
     default_ms: float | None = None
     candidates: int = 0  # how many configs were timed successfully
 
@@ -95,14 +96,14 @@ class CacheEntry:
         """ValueError/TypeError/KeyError on a malformed entry."""
         default = data.get("default_config")
         return cls(
-            config=KernelConfig.from_dict(data["config"]),
+            config=config_from_dict(data["config"]),
             time_ms=float(data["time_ms"]),
-            runner_up=tuple((KernelConfig.from_dict(c), float(ms)) for c, ms in data.get("runner_up", ())),
+            runner_up=tuple((config_from_dict(c), float(ms)) for c, ms in data.get("runner_up", ())),
             tuned_at=str(data["tuned_at"]),
             tuning_seconds=float(data.get("tuning_seconds", 0.0)),
             shape=tuple((str(k), int(v)) for k, v in dict(data.get("shape") or {}).items()),
             tflops=None if data.get("tflops") is None else float(data["tflops"]),
-            default_config=KernelConfig.from_dict(default) if default else None,
+            default_config=config_from_dict(default) if default else None,
             default_ms=None if data.get("default_ms") is None else float(data["default_ms"]),
             candidates=int(data.get("candidates", 0)),
         )
@@ -120,12 +121,35 @@ def parse_document(text: str, source: str) -> dict[str, dict[str, Any]]:
         raise CacheFileError(f"{source} is not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
         raise CacheFileError(f"{source} is not a fusepass autotune cache (no format tag {FILE_FORMAT!r})")
-    if doc.get("version") != FILE_VERSION:
+    if doc.get("version") not in (1, FILE_VERSION):
         raise CacheFileError(f"{source} has cache file version {doc.get('version')!r}, this fusepass reads {FILE_VERSION}")
     entries = doc.get("entries")
     if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
         raise CacheFileError(f"{source}: 'entries' is not an object of objects")
+    if doc["version"] == 1:
+        entries = {k: _from_version_1(k, v) for k, v in entries.items()}
     return entries
+
+
+def _from_version_1(key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 entry: one config type for both directions (a backward's BLOCK_N was the tile
+    a program owns, BLOCK_M its step) and an unused warp_specialize knob."""
+    backward = ";dir=bwd;" in key + ";"
+
+    def config(c):
+        if not isinstance(c, dict):
+            return c
+        c = {n: v for n, v in c.items() if n != "warp_specialize"}
+        if backward and "BLOCK_M" in c and "BLOCK_N" in c:
+            c["BLOCK_OWN"], c["BLOCK_STEP"] = c.pop("BLOCK_N"), c.pop("BLOCK_M")
+        return c
+
+    out = dict(entry)
+    out["config"] = config(entry.get("config"))
+    if entry.get("default_config"):
+        out["default_config"] = config(entry["default_config"])
+    out["runner_up"] = [[config(c), ms] for c, ms in entry.get("runner_up", ())]
+    return out
 
 
 def render_document(entries: Mapping[str, Mapping[str, Any]]) -> str:

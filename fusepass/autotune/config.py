@@ -1,6 +1,6 @@
 """Kernel launch configurations: the knobs the autotuner searches over, and what prunes them.
 
-A :class:`KernelConfig` is what a launcher needs besides the tensors.  The pruning predicates
+A :class:`ForwardConfig` or :class:`BackwardConfig` is what a launcher needs besides the tensors.  The pruning predicates
 below are deliberately simple, named estimates (in the spirit of Triton's own matmul
 ``early_config_prune``): they only throw out configs that clearly cannot compile or clearly
 spill; anything that still fails to compile is skipped by the tuner when it is timed.
@@ -12,7 +12,7 @@ given as a short name ("bf16", "fp16", "fp32", "fp8e4m3") or a ``torch.dtype``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 from fusepass.kernels.limits import padded_head_dim, value_tile_dim
 
@@ -38,43 +38,87 @@ def dtype_name(dtype: Any) -> str:
     return text
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    BLOCK_M: int  # query rows per program
-    BLOCK_N: int  # key columns per inner-loop step
-    num_warps: int
-    num_stages: int  # software-pipelining depth of the key loop
-    # Hopper (sm90) template knobs; the FA2 template ignores them.  New knobs get a default so
-    # that configs written before they existed still read back.
-    warp_specialize: bool = False  # producer/consumer warp specialization of the key loop
+class _Knobs:
+    """What both config types share: a dict form (the cache file's) and a short text form."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "KernelConfig":
-        """Inverse of :meth:`as_dict`; unknown or missing required fields raise ValueError."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(names)
-        if unknown:
-            raise ValueError(f"fusepass: unknown KernelConfig fields {sorted(unknown)}")
-        values: dict[str, Any] = {}
-        for name, field in names.items():
-            if name not in data:
-                if field.default is dataclasses.MISSING:
-                    raise ValueError(f"fusepass: KernelConfig field {name!r} missing")
-                continue
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Inverse of :meth:`as_dict`; unknown or missing fields, or non-integers, raise ValueError."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown, missing = set(data) - set(names), set(names) - set(data)
+        if unknown or missing:
+            raise ValueError(f"fusepass: {cls.__name__} fields: unknown {sorted(unknown)}, missing {sorted(missing)}")
+        for name in names:
             raw = data[name]
-            want = bool if field.default is not dataclasses.MISSING and isinstance(field.default, bool) else int
-            if not isinstance(raw, (int, bool)) or (want is int and isinstance(raw, bool)):
-                raise ValueError(f"fusepass: KernelConfig field {name}={raw!r} is not an {want.__name__}")
-            values[name] = want(raw)
-        return cls(**values)
+            if not isinstance(raw, int) or isinstance(raw, bool):
+                raise ValueError(f"fusepass: {cls.__name__} field {name}={raw!r} is not an int")
+        return cls(**{name: int(data[name]) for name in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig(_Knobs):
+    """A forward launch: each program owns BLOCK_M query rows and steps over the keys."""
+
+    BLOCK_M: int  # query rows per program
+    BLOCK_N: int  # keys per inner-loop step
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the key loop
+
+    @property
+    def query_tile(self) -> int:
+        return self.BLOCK_M
+
+    @property
+    def key_tile(self) -> int:
+        return self.BLOCK_N
 
     def short(self) -> str:
-        """Compact form for tables and log lines: ``128x64 w4 s3`` (+ ``ws`` when specialized)."""
-        text = f"{self.BLOCK_M}x{self.BLOCK_N} w{self.num_warps} s{self.num_stages}"
-        return text + (" ws" if self.warp_specialize else "")
+        """Compact form for tables and log lines: ``128x64 w4 s3``."""
+        return f"{self.BLOCK_M}x{self.BLOCK_N} w{self.num_warps} s{self.num_stages}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig(_Knobs):
+    """A backward launch: the dK/dV program owns BLOCK_OWN keys and steps over the queries
+    BLOCK_STEP at a time; the dQ program owns BLOCK_OWN queries and steps over the keys."""
+
+    BLOCK_OWN: int  # rows a program owns (keys for dK/dV, queries for dQ)
+    BLOCK_STEP: int  # rows per inner-loop step (queries for dK/dV, keys for dQ)
+    num_warps: int
+    num_stages: int
+
+    # Tiles of the dK/dV kernel (the dQ kernel's are the transpose).
+    @property
+    def query_tile(self) -> int:
+        return self.BLOCK_STEP
+
+    @property
+    def key_tile(self) -> int:
+        return self.BLOCK_OWN
+
+    def short(self) -> str:
+        """Compact form: ``own 128 step 64 w8 s2``."""
+        return f"own {self.BLOCK_OWN} step {self.BLOCK_STEP} w{self.num_warps} s{self.num_stages}"
+
+
+LaunchConfig = Union[ForwardConfig, BackwardConfig]
+
+
+def config_type(direction: str) -> type:
+    if direction == "fwd":
+        return ForwardConfig
+    if direction == "bwd":
+        return BackwardConfig
+    raise ValueError(f"fusepass: direction must be 'fwd' or 'bwd', got {direction!r}")
+
+
+def config_from_dict(data: Mapping[str, Any]) -> LaunchConfig:
+    """A config from its dict form, its type told by its fields."""
+    cls = BackwardConfig if "BLOCK_OWN" in data else ForwardConfig
+    return cls.from_dict(data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +130,6 @@ class Arch:
     minor: int
     shared_memory_bytes: int  # per block, opt-in maximum
     max_registers_per_thread: int = 255
-    has_warp_specialization: bool = False
 
     @property
     def is_hopper(self) -> bool:
@@ -114,7 +157,6 @@ def arch_for(capability: tuple[int, int], shared_memory_bytes: int | None = None
         major=major,
         minor=minor,
         shared_memory_bytes=int(smem),
-        has_warp_specialization=major == 9,
     )
 
 
@@ -123,8 +165,7 @@ def arch_for(capability: tuple[int, int], shared_memory_bytes: int | None = None
 _REGISTER_OVERHEAD = 32
 
 
-def shared_memory_bytes(cfg: KernelConfig, head_dim: int, dtype: Any, *, value_head_dim: int | None = None,
-                        direction: str = "fwd") -> int:
+def shared_memory_bytes(cfg: LaunchConfig, head_dim: int, dtype: Any, *, value_head_dim: int | None = None) -> int:
     """Estimated shared memory of one program.
 
     fwd: the Q tile once, K and V tiles once per pipeline stage.
@@ -135,15 +176,12 @@ def shared_memory_bytes(cfg: KernelConfig, head_dim: int, dtype: Any, *, value_h
     elt = DTYPE_BYTES[dtype_name(dtype)]
     d, dv = padded_head_dim(head_dim), value_tile_dim(head_dim, value_head_dim or head_dim)
     stages = max(1, cfg.num_stages)
-    if direction == "fwd":
+    if isinstance(cfg, ForwardConfig):
         return elt * (cfg.BLOCK_M * d + stages * cfg.BLOCK_N * (d + dv))
-    if direction == "bwd":
-        return elt * (cfg.BLOCK_N * (d + dv) + stages * cfg.BLOCK_M * (d + dv))
-    raise ValueError(f"fusepass: direction must be 'fwd' or 'bwd', got {direction!r}")
+    return elt * (cfg.BLOCK_OWN * (d + dv) + stages * cfg.BLOCK_STEP * (d + dv))
 
 
-def registers_per_thread(cfg: KernelConfig, head_dim: int, *, value_head_dim: int | None = None,
-                         direction: str = "fwd") -> int:
+def registers_per_thread(cfg: LaunchConfig, head_dim: int, *, value_head_dim: int | None = None) -> int:
     """Estimated live fp32 registers per thread.
 
     fwd: the output accumulator [BLOCK_M, Dv] and the score tile [BLOCK_M, BLOCK_N].
@@ -151,46 +189,36 @@ def registers_per_thread(cfg: KernelConfig, head_dim: int, *, value_head_dim: in
     """
     d, dv = padded_head_dim(head_dim), value_tile_dim(head_dim, value_head_dim or head_dim)
     threads = 32 * cfg.num_warps
-    if direction == "fwd":
+    if isinstance(cfg, ForwardConfig):
         live = cfg.BLOCK_M * dv + cfg.BLOCK_M * cfg.BLOCK_N
-    elif direction == "bwd":
-        live = cfg.BLOCK_N * (d + dv) + 2 * cfg.BLOCK_M * cfg.BLOCK_N
     else:
-        raise ValueError(f"fusepass: direction must be 'fwd' or 'bwd', got {direction!r}")
+        live = cfg.BLOCK_OWN * (d + dv) + 2 * cfg.BLOCK_STEP * cfg.BLOCK_OWN
     return -(-live // threads) + _REGISTER_OVERHEAD
 
 
-def fits_shared_memory(cfg: KernelConfig, arch: Arch, head_dim: int, dtype: Any, *,
-                       value_head_dim: int | None = None, direction: str = "fwd") -> bool:
+def fits_shared_memory(cfg: LaunchConfig, arch: Arch, head_dim: int, dtype: Any, *,
+                       value_head_dim: int | None = None) -> bool:
     """Does the config's shared memory estimate fit the architecture's per-block limit?"""
-    need = shared_memory_bytes(cfg, head_dim, dtype, value_head_dim=value_head_dim, direction=direction)
+    need = shared_memory_bytes(cfg, head_dim, dtype, value_head_dim=value_head_dim)
     return need <= arch.shared_memory_bytes
 
 
-def fits_registers(cfg: KernelConfig, arch: Arch, head_dim: int, dtype: Any = None, *,
-                   value_head_dim: int | None = None, direction: str = "fwd") -> bool:
+def fits_registers(cfg: LaunchConfig, arch: Arch, head_dim: int, dtype: Any = None, *,
+                   value_head_dim: int | None = None) -> bool:
     """Does the config keep its tiles in registers without spilling (by estimate)?
 
     ``dtype`` is accepted for a uniform predicate signature: accumulators are fp32 whatever it is.
     """
-    need = registers_per_thread(cfg, head_dim, value_head_dim=value_head_dim, direction=direction)
+    need = registers_per_thread(cfg, head_dim, value_head_dim=value_head_dim)
     return need <= arch.max_registers_per_thread
-
-
-def fits_arch(cfg: KernelConfig, arch: Arch) -> bool:
-    """Knobs the architecture does not have (warp specialization before Hopper) rule a config out."""
-    return arch.has_warp_specialization or not cfg.warp_specialize
 
 
 PRUNING_PREDICATES = (fits_shared_memory, fits_registers)
 
 
-def why_pruned(cfg: KernelConfig, arch: Arch, head_dim: int, dtype: Any, *, value_head_dim: int | None = None,
-               direction: str = "fwd") -> str:
+def why_pruned(cfg: LaunchConfig, arch: Arch, head_dim: int, dtype: Any, *, value_head_dim: int | None = None) -> str:
     """"" when the config survives pruning, else the name of the first predicate it fails."""
-    if not fits_arch(cfg, arch):
-        return "fits_arch"
     for predicate in PRUNING_PREDICATES:
-        if not predicate(cfg, arch, head_dim, dtype, value_head_dim=value_head_dim, direction=direction):
+        if not predicate(cfg, arch, head_dim, dtype, value_head_dim=value_head_dim):
             return predicate.__name__
     return ""

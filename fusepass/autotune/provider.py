@@ -21,12 +21,14 @@ from torch import Tensor
 
 from ..options import Options, resolve_options
 from . import space
-from .config import KernelConfig, arch_for
+from .config import LaunchConfig, arch_for, config_type
 from .key import TuneKey, bucket
 from .tuner import BenchFn, Runner, Tuner, default_tuner
 from ..kernels.backward import attention_backward
 from ..kernels.forward import attention_forward
-from ..kernels.heuristics import ConfigQuery, LaunchArgs
+from ..call import AttentionCall, BackwardCall
+from ..kernels import heuristics
+from ..kernels.heuristics import ConfigQuery
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ _options: Options | None = None
 # Device types whose launches are timed; others get the default config (tests add "cpu" to
 # drive the whole path through Triton's interpreter).
 TIMED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
-_fast: dict[tuple, KernelConfig] = {}
+_fast: dict[tuple, LaunchConfig] = {}
 _fast_lock = threading.Lock()
 
 
@@ -107,10 +109,15 @@ def feature_signature(spec: Any) -> str:
     return ",".join(parts)
 
 
-def _synthetic_args(query: ConfigQuery, q: Tensor) -> LaunchArgs | None:
-    """The op's non-q/k/v arguments for timing when the query does not carry the call's own:
-    broadcast [1, 1, M, N] biases and all-true masks.  None when they cannot be made up (a
-    predicate with runtime arguments: their values decide which tiles run)."""
+def _timed_call(query: ConfigQuery, q: Tensor, k: Tensor, v: Tensor) -> AttentionCall | None:
+    """The call to time on random q, k, v: the query's own call's other arguments when it has
+    one, else made up: broadcast [1, 1, M, N] biases and all-true masks.  None when they cannot
+    be made up (a predicate with runtime arguments: their values decide which tiles run)."""
+    own = query.call
+    if own is not None:
+        return AttentionCall.build(q, k, v, own.biases, own.masks, own.seed, scale=own.scale, softcap=own.softcap,
+                                   dropout_p=own.dropout_p, mask_fill=own.mask_fill, mask_expr=own.mask_expr,
+                                   mask_args=own.mask_args)
     spec = query.spec
     if spec.n_args:
         return None
@@ -123,52 +130,42 @@ def _synthetic_args(query: ConfigQuery, q: Tensor) -> LaunchArgs | None:
         masks = [torch.ones(1, 1, M, N, dtype=torch.bool, device=q.device) for _ in range(spec.n_masks)]
     seed = torch.tensor(1234, dtype=torch.int64, device=q.device) if spec.dropout else None
     fill = torch.finfo(q.dtype).min if spec.finite_fill else float("-inf")
-    return LaunchArgs(biases, masks, seed, spec.head_dim ** -0.5, 30.0 if spec.softcap else 0.0,
-                      0.1 if spec.dropout else 0.0, fill, spec.expr, [])
+    return AttentionCall.build(q, k, v, biases, masks, seed, scale=spec.head_dim ** -0.5,
+                               softcap=30.0 if spec.softcap else 0.0, dropout_p=0.1 if spec.dropout else 0.0,
+                               mask_fill=fill, mask_expr=spec.expr)
 
 
 def _kernel_bench_fn(query: ConfigQuery) -> BenchFn | None:
     """``bench_fn`` that calls the kernel launcher with an explicit config on random q, k, v of
-    the query's shape (and the call's own other arguments when the query has ``args``)."""
+    the query's shape (and the call's own other arguments when the query has one)."""
     B, Hq, Hkv, M, N = query.batch, query.q_heads, query.kv_heads, query.q_len, query.kv_len
     D, Dv = query.spec.head_dim, query.spec.v_head_dim
     device, dtype = query.device, query.dtype
     state: dict[str, Any] = {}
 
-    def inputs() -> dict[str, Any]:
+    def timed() -> AttentionCall | BackwardCall:
         if not state:
             with torch.no_grad():
                 q = torch.randn(B, Hq, M, D, dtype=dtype, device=device)
                 k = torch.randn(B, Hkv, N, D, dtype=dtype, device=device)
                 v = torch.randn(B, Hkv, N, Dv, dtype=dtype, device=device)
-            args = query.args
-            if args is None:
-                args = _synthetic_args(query, q)
-            state.update(q=q, k=k, v=v, args=args)
+            call = _timed_call(query, q, k, v)
             if query.direction == "bwd":
                 with torch.no_grad():
-                    state["dout"] = torch.randn(B, Hq, M, Dv, dtype=dtype, device=device)
-                    state["out"] = torch.randn(B, Hq, M, Dv, dtype=dtype, device=device)
-                    state["lse"] = torch.randn(B, Hq, M, dtype=torch.float32, device=device) + math.log(max(1, N))
-        return state
+                    dout = torch.randn(B, Hq, M, Dv, dtype=dtype, device=device)
+                    out = torch.randn(B, Hq, M, Dv, dtype=dtype, device=device)
+                    lse = torch.randn(B, Hq, M, dtype=torch.float32, device=device) + math.log(max(1, N))
+                grads = tuple(bool(m) for m in query.spec.bias_grad)
+                call = BackwardCall.build(call, dout, out, lse, grads)
+            state["call"] = call
+        return state["call"]
 
-    if query.direction == "fwd":
+    launcher = attention_forward if query.direction == "fwd" else attention_backward
 
-        def bench_fwd(cfg: KernelConfig) -> Runner:
-            s = inputs()
-            return functools.partial(attention_forward, s["q"], s["k"], s["v"], *s["args"], config=cfg)
+    def bench(cfg: LaunchConfig) -> Runner:
+        return functools.partial(launcher, timed(), config=cfg)
 
-        return bench_fwd
-
-    grads = tuple(bool(m) for m in query.spec.bias_grad)
-
-    def bench_bwd(cfg: KernelConfig) -> Runner:
-        s = inputs()
-        needs = list(grads) or [False] * len(s["args"].biases)
-        return functools.partial(attention_backward, s["dout"], s["q"], s["k"], s["v"], s["out"], s["lse"],
-                                 *s["args"], needs, config=cfg)
-
-    return bench_bwd
+    return bench
 
 
 def query_key(query: ConfigQuery) -> TuneKey:
@@ -184,15 +181,13 @@ def query_key(query: ConfigQuery) -> TuneKey:
     )
 
 
-def kernel_config_provider(query: ConfigQuery) -> KernelConfig | None:
+def kernel_config_provider(query: ConfigQuery) -> LaunchConfig | None:
     """``fusepass.kernels.heuristics.ConfigProvider``: the tuned config for one launch, or None
     (the launcher then uses ``heuristics.default_config``) when autotuning is off, the device is
     not CUDA, a CUDA graph is being captured, or the call cannot be timed."""
     wanted = query.autotune if query.autotune is not None else autotune_enabled()
     if not wanted or query.device.type not in TIMED_DEVICE_TYPES:
         return None
-    from ..kernels import heuristics
-
     fast = ("hook", query.direction, query.device.index, query.dtype, query.spec, query.q_heads // max(1, query.kv_heads),
             bucket(query.q_len), bucket(query.kv_len))
     cfg = _fast.get(fast)
@@ -206,17 +201,20 @@ def kernel_config_provider(query: ConfigQuery) -> KernelConfig | None:
     key = query_key(query)
     tuner = default_tuner()
     entry = tuner.lookup(key)
+    if entry is not None and not isinstance(entry.config, config_type(query.direction)):
+        log.warning("fusepass autotune: cache entry %s holds a %s; ignored", key.describe(), type(entry.config).__name__)
+        entry = None
     if entry is not None:
         cfg = entry.config
     else:
-        bench_fn = _kernel_bench_fn(query)
-        if bench_fn is None or (query.args is None and spec.n_args):
+        if query.call is None and spec.n_args:
             log.debug("fusepass autotune: cannot time %s without the call's mask arguments; default config",
                       key.describe())
             return None
         # The config the launch would run without us (block-map and length aware): the baseline
         # the tuned config must beat, timed with the candidates.
         default = heuristics.default_for(query)
+        bench_fn = _kernel_bench_fn(query)
         arch = arch_for(capability, smem)
         cands = space.candidates(
             arch, key.head_dim, key.dtype, value_head_dim=key.value_head_dim, direction=key.direction,

@@ -16,13 +16,13 @@ import time
 from typing import Callable, Sequence
 
 from .cache import MAX_RUNNER_UPS, CacheEntry, TuneCache
-from .config import KernelConfig
+from .config import LaunchConfig
 from .key import TuneKey
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[], object]
-BenchFn = Callable[[KernelConfig], Runner]
+BenchFn = Callable[[LaunchConfig], Runner]
 Timer = Callable[[Runner], float]
 
 # do_bench's warmup/rep are target times in ms.  NOTE: 10/40 keeps one candidate near 0.1 s
@@ -80,14 +80,14 @@ class Tuner:
     def tune(
         self,
         key: TuneKey,
-        candidates: Sequence[KernelConfig],
+        candidates: Sequence[LaunchConfig],
         bench_fn: BenchFn,
         *,
-        default: KernelConfig | None = None,
+        default: LaunchConfig | None = None,
         shape: tuple[tuple[str, int], ...] = (),
         flops: float | None = None,
         progress: tuple[int, int] | None = None,
-    ) -> KernelConfig:
+    ) -> LaunchConfig:
         """The best config for ``key``, timing ``candidates`` (and ``default``) unless known."""
         with self._lock:
             entry = self.lookup(key)
@@ -113,7 +113,7 @@ class Tuner:
         label = f"{count[0]}/{count[1]}" if count[1] else f"#{count[0]}"
         announce("fusepass autotune: tuning %s %s over %d configs ...", label, key.describe(), len(order))
         start = time.perf_counter()
-        timings: list[tuple[KernelConfig, float]] = []
+        timings: list[tuple[LaunchConfig, float]] = []
         for cfg in order:
             try:
                 ms = float(self.timer(bench_fn(cfg)))
@@ -184,15 +184,15 @@ def set_default_tuner(tuner: Tuner | None) -> None:
 
 def tune(
     key: TuneKey,
-    candidates: Sequence[KernelConfig],
+    candidates: Sequence[LaunchConfig],
     bench_fn: BenchFn,
     timer: Timer | None = None,
     *,
-    default: KernelConfig | None = None,
+    default: LaunchConfig | None = None,
     shape: tuple[tuple[str, int], ...] = (),
     flops: float | None = None,
     cache: TuneCache | None = None,
-) -> KernelConfig:
+) -> LaunchConfig:
     """Best config for ``key`` through the process-wide tuner (or a tuner on ``cache``/``timer``
     when given; memory is then per call, the file still dedupes across calls)."""
     tuner = default_tuner() if timer is None and cache is None else Tuner(cache, timer)

@@ -2,30 +2,34 @@
 
 Grids: ``attn_bwd_pre`` one program per (BLOCK_M query rows, b*Hq + h) (Delta, and the flags of
 rows whose every score is -inf); with biases ``attn_bwd_rowstats``, like ``attn_bwd_dq``, one
-program per (BLOCK_N query rows, b*Hq + h) (the row statistics that replace a too coarse
-fp32 lse: see the template); ``attn_bwd_dkdv`` one
-program per (BLOCK_N keys, b*Hkv + hkv), looping over the G query heads of the group and
-their query tiles in steps of BLOCK_M (GQA: K/V read once, dK/dV summed in registers; no
-atomics); ``attn_bwd_dq`` one program per (BLOCK_N query rows, b*Hq + h) stepping over key
-tiles of BLOCK_M (dQ in a separate pass: deterministic, no atomics).  So in a backward
-KernelConfig BLOCK_N is the size of the tile a program owns and BLOCK_M the step.
+program per (BLOCK_OWN query rows, b*Hq + h) (the row statistics that replace a too coarse
+fp32 lse: see the template); ``attn_bwd_dkdv`` one program per (BLOCK_OWN keys, b*Hkv + hkv),
+looping over the G query heads of the group and their query tiles in steps of BLOCK_STEP
+(GQA: K/V read once, dK/dV summed in registers; no atomics); ``attn_bwd_dq`` one program per
+(BLOCK_OWN query rows, b*Hq + h) stepping over key tiles of BLOCK_STEP (dQ in a separate
+pass: deterministic, no atomics).  In the templates BLOCK_M always tiles queries and BLOCK_N
+keys.
+
+As in the forward, a launch is planned once per call signature (``forward._Plan``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fusepass.autotune.config import KernelConfig
+from fusepass.autotune.config import BackwardConfig
+from fusepass.call import BackwardCall
 
 from . import blockmap, render
-from .heuristics import ConfigProvider, ConfigQuery, LaunchArgs, choose
-from .launch_common import (cdiv, extra_args, head_dims, launch_fitting, natural_units, new_like, new_output, scalar_args,
-                            seed_tensor, spec_module, strides4)
+from .heuristics import ConfigProvider, ConfigQuery, choose
+from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, natural_units, new_like,
+                            new_output, plan_key, scalar_args, seed_tensor, spec_module, strides4)
 from .spec import KernelSpec, padded_head_dim
 
 log = logging.getLogger(__name__)
@@ -37,35 +41,60 @@ def kernel_module(spec: KernelSpec, interpret: bool):
     return spec_module("attention_bwd.py.jinja", spec, interpret)
 
 
-def _map_args(lists: Optional[blockmap.TileLists]) -> list:
-    if lists is None:
-        return list(blockmap.NO_MAP_ARGS)
-    return lists.kernel_args()
+@dataclasses.dataclass
+class _Plan:
+    spec: KernelSpec
+    cfg: BackwardConfig  # fitted per kernel once its first launch ran (see ``fitted``)
+    mod: object  # the rendered module
+    tail: list  # sizes and scalars common to every kernel
+    by_col: Optional[list]  # dK/dV block-map arguments; None: read from the masks per call
+    by_row: Optional[list]  # dQ's
+    interpret: bool
+    fitted: dict = dataclasses.field(default_factory=dict)  # kernel name -> fitted config
 
 
-def attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, biases, masks, seed,
-    scale: float, softcap: float, dropout_p: float, mask_fill: float, mask_expr: str, mask_args,
-    bias_needs_grad, config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
-    config_for: Optional[ConfigProvider] = None,
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """dq, dk, dv (shapes and dtypes of q, k, v) and one gradient per bias (empty if not needed)."""
-    B, Hq, M, D = q.shape
-    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    if B * Hq * M == 0 or N == 0:
-        # Nothing to launch: no score exists, so every gradient is a sum of nothing (zeros).
-        dbiases = [torch.zeros(b.shape, dtype=b.dtype, device=b.device) if need else b.new_empty((0,))
-                   for b, need in zip(biases, bias_needs_grad)]
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbiases
-    spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args,
-                              bias_needs_grad=bias_needs_grad)
+_plans = PlanCache()
+
+
+def _make_plan(bcall: BackwardCall, config: Optional[BackwardConfig], config_for: Optional[ConfigProvider]) -> _Plan:
+    call = bcall.forward
+    q = call.q
+    spec = KernelSpec.for_call(call, bias_needs_grad=bcall.bias_needs_grad)
+    B, Hq, M, N = call.batch, call.q_heads, call.q_len, call.kv_len
+    cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, call.kv_heads, M, N, q.device, call=call,
+                             autotune=call.run.autotune), config, config_for)
+    by_col = by_row = list(blockmap.NO_MAP_ARGS)
+    if spec.block_map:
+        by_col = by_row = None
+        if not call.masks:
+            # dK/dV: tiles of BLOCK_STEP queries x BLOCK_OWN keys, per key tile; dQ: BLOCK_OWN x
+            # BLOCK_STEP, per query tile.
+            by_col = blockmap.call_lists(call.mask_expr, call.mask_args, (), B, Hq, M, N, cfg.BLOCK_STEP,
+                                         cfg.BLOCK_OWN, q.device, by="col").kernel_args()
+            by_row = blockmap.call_lists(call.mask_expr, call.mask_args, (), B, Hq, M, N, cfg.BLOCK_OWN,
+                                         cfg.BLOCK_STEP, q.device, by="row").kernel_args()
+    tail = [Hq, call.groups, M, N, *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)]
     interpret = q.device.type != "cuda"
-    cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=LaunchArgs(
-        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config, config_for)
-    mod = kernel_module(spec, interpret)
-    dq, dk, dv = new_like(q), new_like(k), new_like(v)
+    return _Plan(spec, cfg, kernel_module(spec, interpret), tail, by_col, by_row, interpret)
+
+
+def _data_map_args(call, cfg: BackwardConfig) -> tuple[list, list]:
+    # The masks' classes come from this call's forward when it kept them.
+    M, N = call.q_len, call.kv_len
+    data_kv = blockmap.data_classes(call.masks, M, N, cfg.BLOCK_STEP, cfg.BLOCK_OWN)
+    data_q = blockmap.data_classes(call.masks, M, N, cfg.BLOCK_OWN, cfg.BLOCK_STEP)
+    lists = (blockmap.call_lists(call.mask_expr, call.mask_args, call.masks, call.batch, call.q_heads, M, N,
+                                 bm, bn, call.q.device, by=by, data=data)
+             for bm, bn, by, data in ((cfg.BLOCK_STEP, cfg.BLOCK_OWN, "col", data_kv),
+                                      (cfg.BLOCK_OWN, cfg.BLOCK_STEP, "row", data_q)))
+    return tuple(t.kernel_args() for t in lists)
+
+
+def _bias_grads(call, spec: KernelSpec):
+    """Per bias its gradient buffer (empty when not wanted), the kernels' arguments for them,
+    and the fp32 accumulators to cast back at the end."""
     dbiases, db_args, finish = [], [], []
-    for b, mode in zip(biases, spec.bias_grad):
+    for b, mode in zip(call.biases, spec.bias_grad):
         if not mode:
             dbiases.append(b.new_empty((0,)))
         elif mode == "store":
@@ -79,7 +108,26 @@ def attention_backward(
             dbiases.append(acc)
             finish.append((len(dbiases) - 1, b.dtype))
             db_args += [acc, *strides4(acc)]
-    G = Hq // Hkv
+    return dbiases, db_args, finish
+
+
+def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = None,
+                       config_for: Optional[ConfigProvider] = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """dq, dk, dv (shapes and dtypes of q, k, v) and one gradient per bias (empty if not needed)."""
+    call = bcall.forward
+    q, k, v = call.q, call.k, call.v
+    if call.empty:
+        # Nothing to launch: no score exists, so every gradient is a sum of nothing (zeros).
+        dbiases = [torch.zeros(b.shape, dtype=b.dtype, device=b.device) if need else b.new_empty((0,))
+                   for b, need in zip(call.biases, bcall.bias_needs_grad)]
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbiases
+    plan = _plans.get(plan_key(call, bcall.signature, config, config_for),
+                      lambda: _make_plan(bcall, config, config_for))
+    spec, mod = plan.spec, plan.mod
+    grad_out, out, lse = bcall.grad_out, bcall.out, bcall.lse
+    B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
+    dq, dk, dv = new_like(q), new_like(k), new_like(v)
+    dbiases, db_args, finish = _bias_grads(call, spec)
     delta = new_output((B, Hq, M), torch.float32, q.device)
     # Per (batch, kv head): 1 when a row of its group has every score -inf (attn_bwd_pre).
     nan_rows = torch.zeros((B * Hkv,), dtype=torch.int32, device=q.device)
@@ -87,44 +135,48 @@ def attention_backward(
     if natural_units(spec):
         shift = new_output((B, Hq, M), torch.float32, q.device)
         rowl2 = new_output((B, Hq, M), torch.float32, q.device)
-    seed_t = seed_tensor(seed, q.device) if spec.dropout else None
-    common_tail = [Hq, G, M, N, *scalar_args(spec, scale, softcap, dropout_p, mask_fill, N)]
-    extras = extra_args(biases, masks, mask_args)
-    by_col = by_row = None
-    if spec.block_map:
-        # dK/dV: tiles of BLOCK_M queries x BLOCK_N keys, per key tile; dQ: BLOCK_N x BLOCK_M,
-        # per query tile.  The masks' classes come from this call's forward when it kept them.
-        data_kv = blockmap.data_classes(masks, M, N, cfg.BLOCK_M, cfg.BLOCK_N)
-        data_q = blockmap.data_classes(masks, M, N, cfg.BLOCK_N, cfg.BLOCK_M)
-        by_col = blockmap.call_lists(mask_expr, mask_args, masks, B, Hq, M, N, cfg.BLOCK_M, cfg.BLOCK_N,
-                                     q.device, by="col", data=data_kv)
-        by_row = blockmap.call_lists(mask_expr, mask_args, masks, B, Hq, M, N, cfg.BLOCK_N, cfg.BLOCK_M,
-                                     q.device, by="row", data=data_q)
-    with render.interpreting() if interpret else contextlib.nullcontext():
+    seed_t = seed_tensor(call.seed, q.device) if spec.dropout else None
+    extras = extra_args(call.biases, call.masks, call.mask_args)
+    by_col, by_row = plan.by_col, plan.by_row
+    if by_col is None:
+        by_col, by_row = _data_map_args(call, plan.cfg)
+    tail = plan.tail
+    consts = head_dims(spec)
+
+    def launch(name: str, grid_of, args_of) -> None:
+        def run(c: BackwardConfig) -> None:
+            getattr(mod, name)[grid_of(c)](*args_of(c), *tail, **consts, **_tiles(name, c),
+                                           num_warps=c.num_warps, num_stages=c.num_stages)
+        launches[name.removeprefix("attn_bwd_")] += 1
+        fitted = plan.fitted.get(name)
+        if fitted is not None:
+            run(fitted)
+        else:
+            plan.fitted[name] = launch_fitting((name, spec), plan.cfg, run)
+
+    with render.interpreting() if plan.interpret else contextlib.nullcontext():
         mod.attn_bwd_pre[(cdiv(M, _PRE_BLOCK_M), B * Hq)](
-            out, grad_out, lse, delta, nan_rows, *out.stride(), *grad_out.stride(), Hq, G, M,
-            HEAD_DIM_V=Dv, HEAD_DIM_V_P=padded_head_dim(Dv), BLOCK_M=_PRE_BLOCK_M,
+            out, grad_out, lse, delta, nan_rows, *out.stride(), *grad_out.stride(), Hq, call.groups, M,
+            HEAD_DIM_V=call.v_head_dim, HEAD_DIM_V_P=padded_head_dim(call.v_head_dim), BLOCK_M=_PRE_BLOCK_M,
         )
         if shift is not None:
             # Tiles shaped like attn_bwd_dq's (which fit whenever dq's do); only query tiles
             # holding a row with a coarse lse loop over the keys.
-            launch_fitting(("rowstats", spec), cfg, lambda c: mod.attn_bwd_rowstats[(cdiv(M, c.BLOCK_N), B * Hq)](
-                q, k, lse, shift, rowl2, *extras, *q.stride(), *k.stride(),
-                *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_N, BLOCK_N=c.BLOCK_M,
-                num_warps=c.num_warps, num_stages=c.num_stages,
-            ))
-        launch_fitting(("dkdv", spec), cfg, lambda c: mod.attn_bwd_dkdv[(cdiv(N, c.BLOCK_N), B * Hkv)](
-            q, k, v, grad_out, lse, delta, shift, rowl2, nan_rows, dk, dv, seed_t, *_map_args(by_col), *extras, *db_args,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        ))
-        launch_fitting(("dq", spec), cfg, lambda c: mod.attn_bwd_dq[(cdiv(M, c.BLOCK_N), B * Hq)](
-            q, k, v, grad_out, lse, delta, shift, rowl2, dq, seed_t, *_map_args(by_row), *extras,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            *common_tail, **head_dims(spec), BLOCK_M=c.BLOCK_N, BLOCK_N=c.BLOCK_M,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        ))
+            launch("attn_bwd_rowstats", lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq), lambda c: (
+                q, k, lse, shift, rowl2, *extras, *q.stride(), *k.stride()))
+        launch("attn_bwd_dkdv", lambda c: (cdiv(N, c.BLOCK_OWN), B * Hkv), lambda c: (
+            q, k, v, grad_out, lse, delta, shift, rowl2, nan_rows, dk, dv, seed_t, *by_col, *extras, *db_args,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride()))
+        launch("attn_bwd_dq", lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq), lambda c: (
+            q, k, v, grad_out, lse, delta, shift, rowl2, dq, seed_t, *by_row, *extras,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride()))
     for i, dtype in finish:
         dbiases[i] = dbiases[i].to(dtype)
     return dq, dk, dv, dbiases
+
+
+def _tiles(kernel: str, c: BackwardConfig) -> dict:
+    """The templates' BLOCK_M (queries) and BLOCK_N (keys) of one backward kernel."""
+    if kernel == "attn_bwd_dkdv":
+        return dict(BLOCK_M=c.BLOCK_STEP, BLOCK_N=c.BLOCK_OWN)
+    return dict(BLOCK_M=c.BLOCK_OWN, BLOCK_N=c.BLOCK_STEP)  # dQ and the row statistics own query rows

@@ -1,19 +1,29 @@
-"""Forward launcher: templates/attention_fwd.py.jinja -> ``attn_fwd`` -> ``attention_forward``."""
+"""Forward launcher: templates/attention_fwd.py.jinja -> ``attn_fwd`` -> ``attention_forward``.
+
+A call's launch is planned once per call signature (shapes, strides, dtypes, parameters: see
+``fusepass.call``): the kernel spec, the config, the rendered kernel, the grid, the scalar
+arguments and a predicate's block map.  A later call with the same signature allocates its
+outputs and launches; only block maps read from mask tensors are computed per call (they
+depend on the masks' contents).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fusepass.autotune.config import KernelConfig
+from fusepass.autotune.config import ForwardConfig
+from fusepass.call import AttentionCall
 
 from . import blockmap, render
-from .heuristics import ConfigProvider, ConfigQuery, LaunchArgs, choose
-from .launch_common import cdiv, spec_module, extra_args, head_dims, launch_fitting, new_output, scalar_args, seed_tensor
+from .heuristics import ConfigProvider, ConfigQuery, choose
+from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, new_output, plan_key,
+                            scalar_args, seed_tensor, spec_module)
 from .spec import KernelSpec
 
 log = logging.getLogger(__name__)
@@ -23,63 +33,88 @@ def kernel_module(spec: KernelSpec, interpret: bool):
     return spec_module("attention_fwd.py.jinja", spec, interpret)
 
 
-def grid(M: int, B: int, Hq: int, cfg: KernelConfig) -> tuple[int, int]:
+def grid(M: int, B: int, Hq: int, cfg: ForwardConfig) -> tuple[int, int]:
     """One program per (query tile of BLOCK_M rows, batch * query head); each program walks
     all key tiles its block-map row lists (or all of them) with an online softmax."""
     return (cdiv(M, cfg.BLOCK_M), B * Hq)
 
 
-def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, biases, masks, seed, scale: float, softcap: float,
-    dropout_p: float, mask_fill: float, mask_expr: str, mask_args, config: Optional[KernelConfig] = None,
-    autotune: Optional[bool] = None, config_for: Optional[ConfigProvider] = None,
-) -> tuple[Tensor, Tensor]:
+@dataclasses.dataclass
+class _Plan:
+    spec: KernelSpec
+    cfg: ForwardConfig  # the fitted config once the first launch ran
+    kernel: object  # the rendered module's attn_fwd (a triton.JITFunction)
+    grid: tuple[int, int]
+    tail: list  # strides, sizes and scalars after the tensor arguments
+    consts: dict  # constexpr keyword arguments
+    map_args: Optional[list]  # None: read from the masks per call
+    interpret: bool
+    fitted: bool = False
+
+
+_plans = PlanCache()
+
+
+def _make_plan(call: AttentionCall, config: Optional[ForwardConfig], config_for: Optional[ConfigProvider]) -> _Plan:
+    spec = KernelSpec.for_call(call)
+    q, k, v = call.q, call.k, call.v
+    B, Hq, M, N = call.batch, call.q_heads, call.q_len, call.kv_len
+    cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, call.kv_heads, M, N, q.device, call=call,
+                             autotune=call.run.autotune), config, config_for)
+    interpret = q.device.type != "cuda"
+    map_args = list(blockmap.NO_MAP_ARGS)
+    if spec.block_map:
+        map_args = None
+        if not call.masks:
+            map_args = blockmap.call_lists(call.mask_expr, call.mask_args, (), B, Hq, M, N, cfg.BLOCK_M,
+                                           cfg.BLOCK_N, q.device, by="row").kernel_args()
+    # The output is allocated contiguous: its strides are known now.
+    Dv = call.v_head_dim
+    out_strides = (Hq * M * Dv, M * Dv, Dv, 1)
+    tail = [*q.stride(), *k.stride(), *v.stride(), *out_strides, Hq, call.groups, M, N,
+            *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)]
+    consts = dict(head_dims(spec), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
+    return _Plan(spec, cfg, kernel_module(spec, interpret).attn_fwd, grid(M, B, Hq, cfg), tail, consts,
+                 map_args, interpret)
+
+
+def _data_map_args(call: AttentionCall, plan: _Plan) -> list:
+    # The masks' tile classes, once per call: kept (at a granularity the backward's tiles are
+    # unions of) for the backward of this call.
+    cfg = plan.cfg
+    g = blockmap.granule(cfg.BLOCK_M, cfg.BLOCK_N)
+    base = blockmap.data_classes(call.masks, call.q_len, call.kv_len, g, g, store=True)
+    data = blockmap.coarsen(base, cfg.BLOCK_M // g, cfg.BLOCK_N // g)
+    return blockmap.call_lists(call.mask_expr, call.mask_args, call.masks, call.batch, call.q_heads, call.q_len,
+                               call.kv_len, cfg.BLOCK_M, cfg.BLOCK_N, call.q.device, by="row", data=data).kernel_args()
+
+
+def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = None,
+                      config_for: Optional[ConfigProvider] = None) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32; the op's semantics exactly."""
-    B, Hq, M, D = q.shape
-    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    if B * Hq * M == 0 or N == 0:
+    q, v = call.q, call.v
+    B, Hq, M = call.batch, call.q_heads, call.q_len
+    if call.empty:
         # Nothing to launch.  No keys: eager's softmax over zero keys is an empty row, P @ V a
         # sum of nothing (zeros) and logsumexp -inf.
-        return (torch.zeros((B, Hq, M, Dv), dtype=v.dtype, device=q.device),
+        return (torch.zeros((B, Hq, M, call.v_head_dim), dtype=v.dtype, device=q.device),
                 torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
-    spec = KernelSpec.from_op(q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args)
-    interpret = q.device.type != "cuda"
-    cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, Hkv, M, N, q.device, args=LaunchArgs(
-        biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args), autotune=autotune), config, config_for)
-    mod = kernel_module(spec, interpret)
-    out = new_output((B, Hq, M, Dv), v.dtype, q.device)
+    plan = _plans.get(plan_key(call, call.signature, config, config_for),
+                      lambda: _make_plan(call, config, config_for))
+    out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
-    if spec.block_map:
-        data = None
-        if masks:
-            # The masks' tile classes, once per call: kept (at a granularity the backward's
-            # tiles are unions of) for the backward of this call.
-            g = blockmap.granule(cfg.BLOCK_M, cfg.BLOCK_N)
-            base = blockmap.data_classes(masks, M, N, g, g, store=True)
-            data = blockmap.coarsen(base, cfg.BLOCK_M // g, cfg.BLOCK_N // g)
-        map_args = blockmap.call_lists(mask_expr, mask_args, masks, B, Hq, M, N, cfg.BLOCK_M, cfg.BLOCK_N,
-                                       q.device, by="row", data=data).kernel_args()
-    else:
-        map_args = list(blockmap.NO_MAP_ARGS)
-    with render.interpreting() if interpret else contextlib.nullcontext():
-        launch_fitting(("fwd", spec), cfg, lambda c: _launch(
-            mod, q, k, v, out, lse, seed, spec, c, map_args, biases, masks, mask_args,
-            scale, softcap, dropout_p, mask_fill))
+    map_args = plan.map_args if plan.map_args is not None else _data_map_args(call, plan)
+    seed = seed_tensor(call.seed, q.device) if plan.spec.dropout else None
+    extras = extra_args(call.biases, call.masks, call.mask_args)
+
+    def launch(cfg: ForwardConfig) -> None:
+        plan.kernel[plan.grid](q, call.k, v, out, lse, seed, *map_args, *extras, *plan.tail, **plan.consts,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    launches["fwd"] += 1
+    with render.interpreting() if plan.interpret else contextlib.nullcontext():
+        if plan.fitted:
+            launch(plan.cfg)
+        else:
+            plan.cfg, plan.fitted = launch_fitting(("fwd", plan.spec), plan.cfg, launch), True
     return out, lse
-
-
-def _launch(mod, q, k, v, out, lse, seed, spec, cfg, map_args, biases, masks, mask_args,
-            scale, softcap, dropout_p, mask_fill):
-    B, Hq, M, _ = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    mod.attn_fwd[grid(M, B, Hq, cfg)](
-        q, k, v, out, lse, seed_tensor(seed, q.device) if spec.dropout else None,
-        *map_args,
-        *extra_args(biases, masks, mask_args),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, M, N,
-        *scalar_args(spec, scale, softcap, dropout_p, mask_fill, N),
-        **head_dims(spec),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )

@@ -1,8 +1,11 @@
-"""Argument packing shared by the forward and backward launchers."""
+"""Argument packing and launch plans shared by the forward and backward launchers."""
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
+from typing import Callable, TypeVar
 
 import torch
 
@@ -12,6 +15,48 @@ from .spec import KernelSpec, padded_head_dim, value_tile_dim
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+Plan = TypeVar("Plan")
+
+# Kernel launches by kernel ("fwd", "rowstats", "dkdv", "dq"): what tests and the GPU fuzzer
+# read to know that the Triton kernels really ran (a counter increment per launch).
+launches: collections.Counter = collections.Counter()
+
+
+class PlanCache:
+    """Launch plans by key, the oldest dropped past ``size`` (dynamic lengths make
+    a new key per length)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key, make: Callable[[], Plan]) -> Plan:
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        plan = make()
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self._size:
+                self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+
+def plan_key(call, sig: tuple, *extra) -> tuple:
+    """A plan key: the call's signature ``sig``, what the launcher was given (``extra``) and, for
+    fp32, the TF32 setting the kernel spec reads (a process setting that may change between calls)."""
+    if call.q.dtype == torch.float32:
+        from .support import fp32_dot_precision
+
+        return (sig, fp32_dot_precision(), *extra)
+    return (sig, *extra)
 
 
 _modules: dict = {}

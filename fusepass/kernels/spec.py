@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from fusepass.masks.predicate import arg_count
 
 from .predicate_triton import to_triton
+
+if TYPE_CHECKING:
+    from fusepass.call import AttentionCall
 
 from .limits import FINITE_FILL_LIMIT, next_pow2, padded_head_dim, value_tile_dim  # noqa: F401 (re-exported)
 
@@ -71,27 +74,28 @@ class KernelSpec:
         )
 
     @classmethod
-    def from_op(cls, q, k, v, biases, masks, softcap, dropout_p, mask_fill, mask_expr, mask_args,
-                bias_needs_grad=None) -> "KernelSpec":
+    def for_call(cls, call: "AttentionCall", bias_needs_grad: Optional[Sequence[bool]] = None) -> "KernelSpec":
+        """The variant that serves ``call``; with ``bias_needs_grad``, its backward's."""
+        q, v = call.q, call.v
         precision = ""
         if q.dtype == torch.float32:
             from .support import fp32_dot_precision  # support imports this module
 
             precision = fp32_dot_precision()
-        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        target = (call.batch, call.q_heads, call.q_len, call.kv_len)
         grads = ()
         if bias_needs_grad is not None:
-            grads = tuple(bias_grad_mode(b, target) if need else "" for b, need in zip(biases, bias_needs_grad))
+            grads = tuple(bias_grad_mode(b, target) if need else "" for b, need in zip(call.biases, bias_needs_grad))
         return cls(
-            n_biases=len(biases),
-            n_masks=len(masks),
-            expr=mask_expr,
-            n_args=max(len(mask_args), arg_count(mask_expr)),
-            softcap=softcap > 0,
-            dropout=dropout_p > 0,
-            finite_fill=not math.isinf(mask_fill),
-            head_dim=q.shape[-1],
-            v_head_dim=v.shape[-1],
+            n_biases=len(call.biases),
+            n_masks=len(call.masks),
+            expr=call.mask_expr,
+            n_args=max(len(call.mask_args), arg_count(call.mask_expr)),
+            softcap=call.softcap > 0,
+            dropout=call.dropout_p > 0,
+            finite_fill=not math.isinf(call.mask_fill),
+            head_dim=call.head_dim,
+            v_head_dim=call.v_head_dim,
             precision=precision,
             upcast_dot=q.device.type != "cuda" and q.dtype == torch.bfloat16,
             bias_grad=grads,

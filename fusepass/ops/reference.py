@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fusepass.call import AttentionCall, BackwardCall
 from fusepass.masks import predicate
 from fusepass.ops.dropout import keep_mask
 
@@ -156,8 +157,9 @@ class _Problem:
         return keep is not None and self.mask_fill == float("-inf") and not bool(keep.any())
 
 
-def _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args) -> _Problem:
-    # Parameters are validated once, before any implementation runs (ops/dispatch.py).
+def _problem(call: AttentionCall) -> _Problem:
+    # The call was validated when it was built (fusepass/call.py).
+    q, k, v, seed = call.q, call.k, call.v, call.seed
     B, Hq, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv if Hkv else 1
@@ -168,15 +170,15 @@ def _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill,
         q5=q.unflatten(1, (Hkv, G)),
         k=k,
         v=v,
-        biases5=[_as_5d(b, Hkv, G) for b in biases],
-        masks5=[_as_5d(m, Hkv, G) for m in masks],
+        biases5=[_as_5d(b, Hkv, G) for b in call.biases],
+        masks5=[_as_5d(m, Hkv, G) for m in call.masks],
         seed=int(seed) if seed is not None else 0,
-        scale=float(scale),
-        softcap=float(softcap),
-        dropout_p=float(dropout_p),
-        mask_fill=float(mask_fill),
-        mask_expr=mask_expr,
-        mask_args=[int(a) for a in mask_args],
+        scale=call.scale,
+        softcap=call.softcap,
+        dropout_p=call.dropout_p,
+        mask_fill=call.mask_fill,
+        mask_expr=call.mask_expr,
+        mask_args=list(call.mask_args),
         cdt=_compute_dtype(q.dtype),
         bm=bm,
         bn=bn,
@@ -217,17 +219,17 @@ def _online_softmax(pb: _Problem, qt: Tensor, i0: int, i1: int, with_values: boo
     return m_safe, l, acc
 
 
-def attention_forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args):
+def attention_forward(call: AttentionCall):
     """Returns (out [B, Hq, M, Dv] in v.dtype, lse fp32 [B, Hq, M]); see attention.py for the semantics."""
+    q, v = call.q, call.v
     B, Hq, M, _ = q.shape
-    if B * Hq * M == 0 or k.shape[2] == 0:
+    if call.empty:
         # No rows, or no keys: eager's softmax over zero keys is an empty row, so P @ V is a sum
         # of nothing (zeros) and logsumexp is -inf.  (Also keeps views of empty tensors, which
         # cannot be reshaped with a -1, out of the tiling.)
-        _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
         return (torch.zeros((B, Hq, M, v.shape[-1]), dtype=v.dtype, device=q.device),
                 torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
-    pb = _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
+    pb = _problem(call)
     B, Hkv, G, M, N = pb.shape
     Dv = v.shape[-1]
     log.debug("reference forward: B=%d Hkv=%d G=%d M=%d N=%d tiles %dx%d %s", B, Hkv, G, M, N, pb.bm, pb.bn, pb.cdt)
@@ -268,10 +270,7 @@ def _accumulate_bias_grad(acc5: Tensor, ds: Tensor, i0: int, i1: int, j0: int, j
     _tile(acc5, i0, i1, j0, j1).add_(g)
 
 
-def attention_backward(
-    grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-    mask_fill, mask_expr, mask_args, bias_needs_grad,
-):
+def attention_backward(bcall: BackwardCall):
     """Returns dq, dk, dv (like q, k, v) and, per bias, its gradient (or an empty tensor if not flagged).
 
     Fully masked rows get what eager autograd gives for softmax(where(keep, s, fill)): where()
@@ -282,14 +281,15 @@ def attention_backward(
     A row whose every score is -inf because of biases is NaN in eager too, and its unmasked
     scores pass NaN on to dq, dk and the bias gradients: so do ours (ds is NaN there).
     """
-    B, Hq, M, _ = q.shape
-    if B * Hq * M == 0 or k.shape[2] == 0:
+    call = bcall.forward
+    q, k, v, biases, bias_needs_grad = call.q, call.k, call.v, call.biases, bcall.bias_needs_grad
+    grad_out, out, lse = bcall.grad_out, bcall.out, bcall.lse
+    if call.empty:
         # No score exists: every gradient is a sum of nothing.
-        _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
         dbiases = [torch.zeros_like(b, memory_format=torch.contiguous_format) if need else b.new_empty((0,))
                    for b, need in zip(biases, bias_needs_grad)]
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbiases
-    pb = _problem(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args)
+    pb = _problem(call)
     B, Hkv, G, M, N = pb.shape
     D, Dv = q.shape[-1], v.shape[-1]
     cdt = pb.cdt
