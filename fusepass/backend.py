@@ -142,7 +142,21 @@ def _runs_on(spec, options: Options) -> str:
         spec.device, getattr(torch, spec.dtype), nodes.size_hint(spec.q_shape[3]),
         nodes.size_hint(spec.v_shape[3]), spec.mask_fill, softcap=spec.softcap, interpret=options.run().interpret,
     )
-    return "triton" if reason is None else f"reference ({reason})"
+    if reason is not None:
+        return f"reference ({reason})"
+    return f"triton, {_family(spec)}"
+
+
+def _family(spec) -> str:
+    """Which kernel family serves the site's shape (kernels/decode.py has the rule)."""
+    from fusepass.kernels import decode
+
+    sizes = (spec.q_shape[2], spec.q_shape[1], spec.k_shape[1], spec.k_shape[2])
+    if not all(isinstance(s, int) for s in sizes):
+        return "decode family for short queries, else prefill (chosen per call)"
+    M, Hq, Hkv, N = sizes
+    refusal = decode.refusal_for(M, Hq // max(1, Hkv), N, spec.dropout_p)
+    return "decode family (split-KV)" if refusal is None else f"prefill family (not decode: {refusal})"
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, options: Options, mode: Optional[str]) -> Callable:

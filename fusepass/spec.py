@@ -51,7 +51,7 @@ class SiteRecord:
     fused: bool
     reason: Optional[str]  # why it was not fused, or None
     spec: Optional[AttentionSpec] = None  # None when refused before it could be described
-    runs_on: str = ""  # "triton", "reference" (with the reason) once fused
+    runs_on: str = ""  # "triton, <kernel family>", or "reference (<why>)", once fused
 
     def __getattr__(self, name):
         # site.scale, site.mask, ... read through to the spec (None when there is none).

@@ -59,6 +59,10 @@ def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 GQA = {
     "repeat_kv": repeat_kv,
+    # The same with the new axis indexed short and sizes left to expand (-1) and to q's shape.
+    "repeat_kv short": lambda x, g: x[:, :, None].expand(-1, -1, g, -1, -1).reshape(
+        x.shape[0], x.shape[1] * g, x.shape[2], x.shape[3]),
+    "repeat_kv ellipsis": lambda x, g: x[:, :, None, ...].expand(-1, -1, g, -1, -1).flatten(1, 2),
     "repeat_interleave": lambda x, g: x.repeat_interleave(g, dim=1),
 }
 
@@ -323,7 +327,7 @@ def check_site(site, sp: Spelling, dtype: torch.dtype, t: dict) -> None:
     assert tuple(site.v_shape) == (*kv_heads, N, D)
     if sp.gqa:
         assert site.gqa_groups == H // HKV
-        assert site.gqa_source == sp.gqa
+        assert site.gqa_source == sp.gqa.split()[0]  # the short spellings are repeat_kv too
     else:
         assert site.gqa == "none"
 
@@ -387,6 +391,8 @@ MASK_CASES = [("masks", name, Spelling(masks=(name,))) for name in MASKS] + [
 ]
 OTHER_CASES = [
     ("gqa", "repeat_kv", Spelling(gqa="repeat_kv")),
+    ("gqa", "repeat_kv short", Spelling(gqa="repeat_kv short")),
+    ("gqa", "repeat_kv ellipsis", Spelling(gqa="repeat_kv ellipsis")),
     ("gqa", "repeat_interleave", Spelling(gqa="repeat_interleave")),
     ("softcap", "tanh(s / c) * c", Spelling(softcap=SOFTCAP)),
     *[("dropout", name, Spelling(dropout=name)) for name in DROPOUTS if name.endswith("eval")],

@@ -104,6 +104,20 @@ class BackwardConfig(_Knobs):
         return f"own {self.BLOCK_OWN} step {self.BLOCK_STEP} w{self.num_warps} s{self.num_stages}"
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig(_Knobs):
+    """A decode launch (kernels/decode.py): the packed query rows against BLOCK_N keys per
+    step, the keys split over num_splits programs per (batch, key/value head)."""
+
+    BLOCK_N: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+    def short(self) -> str:
+        return f"N{self.BLOCK_N} x{self.num_splits} splits w{self.num_warps} s{self.num_stages}"
+
+
 LaunchConfig = Union[ForwardConfig, BackwardConfig]
 
 

@@ -323,9 +323,13 @@ def _unsqueezed_at_2(node) -> Optional[fx.Node]:
             return self_arg(node)
         return None
     if node is not None and getattr(node, "op", None) == "call_function" and node.target is operator.getitem:
+        # k[:, :, None, :, :], and its shorter spellings k[:, :, None] and k[:, :, None, ...]:
+        # one new axis at 2, every other entry a full slice (an Ellipsis only last).
         src, idx = node.args
-        if isinstance(idx, tuple) and len(idx) == 5 and idx[2] is None and all(
-            i == slice(None) for k, i in enumerate(idx) if k != 2
-        ):
-            return src
+        if isinstance(idx, tuple) and 3 <= len(idx) <= 5 and idx[2] is None:
+            rest = list(idx[:2]) + list(idx[3:])
+            if rest and rest[-1] is Ellipsis:
+                rest.pop()
+            if len(rest) <= 4 and all(isinstance(i, slice) and i == slice(None) for i in rest):
+                return src
     return None

@@ -15,7 +15,7 @@ import torch
 
 from fusepass.autotune import provider as tuning  # the one place launches meet the tuner
 from fusepass.call import AttentionCall, BackwardCall
-from fusepass.kernels import support
+from fusepass.kernels import decode, support
 from fusepass.options import RunOptions
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ def _reason(device, dtype, head_dim, v_head_dim, mask_fill, softcap, interpret):
 
 def run_forward(call: AttentionCall):
     if kernel_reason(call) is None:
+        if decode.refusal(call) is None:  # short queries, long keys: the split-KV family
+            return decode.attention_forward(call)
         from fusepass.kernels.forward import attention_forward
 
         return attention_forward(call, config_for=tuning.kernel_config_provider)

@@ -1,0 +1,165 @@
+"""Decode attention: one (or a few) new queries per sequence against a long KV cache.
+
+bf16, D=128 (and 64), Hq=32 query heads over Hkv key/value heads.  fusepass runs through
+``torch.compile(plain GQA attention code, backend="fusepass")`` (autotune off, static shapes);
+beside it SDPA (``enable_gqa``), compiled FlexAttention (flex decoding), in the same run.
+Times are ``triton.testing.do_bench`` medians (µs); KV TB/s counts K and V read once.  Every
+provider's output is checked against SDPA.  A second table puts the two fusepass kernel
+families side by side (the launchers called directly) for the crossover rule of
+``fusepass/kernels/decode.py``.
+
+    PYTHONPATH=$PWD python benchmarks/bench_decode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+WINDOW = 1024
+
+
+def plain_attention(q, k, v, keep):
+    """GQA attention as model code writes it: repeat K/V heads, mask, softmax, P @ V."""
+    G = q.shape[1] // k.shape[1]
+    k = k[:, :, None].expand(-1, -1, G, -1, -1).reshape(q.shape[0], q.shape[1], k.shape[2], k.shape[3])
+    v = v[:, :, None].expand(-1, -1, G, -1, -1).reshape(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def windowed(q, k, v, pad):
+    """Sliding window over the cache, read from code (a position predicate), and a padding mask."""
+    M, N = q.shape[2], k.shape[2]
+    i = torch.arange(M, device=q.device)[:, None] + (N - M)
+    j = torch.arange(N, device=q.device)[None, :]
+    keep = (j <= i) & (j > i - WINDOW)
+    return plain_attention(q, k, v, keep & pad)
+
+
+def us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def providers(q, k, v, pad, mask_kind):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, Hq, M, _ = q.shape
+    N = k.shape[2]
+    if mask_kind == "none":
+        code, keep4 = (lambda q, k, v: plain_attention(q, k, v, None)), None
+    elif mask_kind == "padding":
+        code, keep4 = (lambda q, k, v: plain_attention(q, k, v, pad)), pad.expand(B, 1, M, N)
+    else:
+        code = lambda q, k, v: windowed(q, k, v, pad)  # noqa: E731
+        i = torch.arange(M, device=q.device)[:, None] + (N - M)
+        j = torch.arange(N, device=q.device)[None, :]
+        keep4 = ((j <= i) & (j > i - WINDOW)) & pad
+    fused = torch.compile(code, backend="fusepass", options={"autotune": False}, dynamic=False)
+    flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if keep4 is not None:
+        dense = keep4.expand(B, 1, M, N)
+        block_mask = create_block_mask(lambda b, h, qi, kj: dense[b, 0, qi, kj], B, None, M, N, device=q.device)
+    return {
+        "fusepass": lambda: fused(q, k, v),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep4, enable_gqa=True),
+        "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True),
+    }
+
+
+SHAPES_FULL = [  # (B, N, Hkv, D, mask)
+    (8, 4096, 8, 128, "none"), (8, 32768, 8, 128, "none"), (1, 131072, 8, 128, "none"),
+    (1, 1024, 8, 128, "none"), (32, 4096, 8, 128, "none"), (8, 16384, 32, 128, "none"),
+    (8, 16384, 4, 128, "none"), (8, 16384, 8, 64, "none"), (8, 8192, 8, 128, "padding"),
+    (8, 32768, 8, 128, "window"),
+]
+SHAPES_QUICK = SHAPES_FULL[:3]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import fusepass  # noqa: F401
+    from fusepass.kernels import decode, forward
+    from fusepass.ops.dispatch import forward_call
+
+    torch._dynamo.config.cache_size_limit = 256
+    dev = "cuda"
+    Hq = 32
+    rows = []
+    for B, N, Hkv, D, mask_kind in SHAPES_QUICK if args.quick else SHAPES_FULL:
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, 1, D, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, N, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        pad = torch.ones(B, 1, 1, N, dtype=torch.bool, device=dev)
+        pad[0, ..., : N // 8] = False  # the first sequence is left-padded
+        want = None
+        cells = {}
+        for name, fn in providers(q, k, v, pad, mask_kind).items():
+            try:
+                out = fn()
+                if want is None:
+                    want = F.scaled_dot_product_attention(
+                        q.float(), k.float(), v.float(), enable_gqa=True,
+                        attn_mask=None if mask_kind == "none" else _keep(q, k, pad, mask_kind))
+                err = (out.float() - want).abs().max().item()
+                if not err <= 2e-2:
+                    raise AssertionError(f"max error {err:.3g}")
+                cells[name] = us(fn)
+            except Exception as e:
+                cells[name] = f"{type(e).__name__}: {str(e)[:50]}"
+        kv_bytes = 2 * B * Hkv * N * D * 2
+        rows.append((B, N, Hq, Hkv, D, mask_kind, cells, kv_bytes))
+        print(rows[-1][:6], {k: (round(v, 1) if isinstance(v, float) else v) for k, v in cells.items()}, flush=True)
+
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, one query per sequence; "
+          "µs (KV TB/s)\n")
+    print("| B | N | Hq/Hkv | D | mask | fusepass | SDPA | Flex |")
+    print("|---|---|---|---|---|---|---|---|")
+    for B, N, Hq_, Hkv, D, mask_kind, cells, kv_bytes in rows:
+        def cell(name):
+            t = cells.get(name)
+            return f"{t:.1f} ({kv_bytes / t / 1e6:.2f})" if isinstance(t, float) else str(t)
+        print(f"| {B} | {N} | {Hq_}/{Hkv} | {D} | {mask_kind} | {cell('fusepass')} | {cell('sdpa')} | {cell('flex')} |")
+
+    # The two families on the same calls (launchers called directly, no compile): the crossover.
+    print("\nfusepass kernel families, B=8, Hq=32, Hkv=8, D=128, µs (decode / prefill)\n")
+    print("| M \\ N | " + " | ".join(str(n) for n in (256, 1024, 4096, 16384)) + " |")
+    print("|---|" + "---|" * 4)
+    for M in (1, 2, 4, 8, 16):
+        line = []
+        for N in (256, 1024, 4096, 16384):
+            q = torch.randn(8, 32, M, 128, device=dev, dtype=torch.bfloat16)
+            k, v = (torch.randn(8, 8, N, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            call = forward_call(q, k, v, [], [], None, 128 ** -0.5, 0.0, 0.0, -math.inf, "j <= i + (N - M)", [],
+                                "autotune=0")
+            a, _ = decode.attention_forward(call)
+            b, _ = forward.attention_forward(call)
+            assert (a.float() - b.float()).abs().max().item() < 2e-2
+            line.append(f"{us(lambda: decode.attention_forward(call)):.1f} / {us(lambda: forward.attention_forward(call)):.1f}")
+        print(f"| {M} | " + " | ".join(line) + " |", flush=True)
+    from fusepass.kernels.launch_common import launches
+
+    print(f"\nkernel launches: {dict(launches)}")
+
+
+def _keep(q, k, pad, mask_kind):
+    B, _, M, _ = q.shape
+    N = k.shape[2]
+    if mask_kind == "padding":
+        return pad.expand(B, 1, M, N)
+    i = torch.arange(M, device=q.device)[:, None] + (N - M)
+    j = torch.arange(N, device=q.device)[None, :]
+    return ((j <= i) & (j > i - WINDOW)) & pad
+
+
+if __name__ == "__main__":
+    main()

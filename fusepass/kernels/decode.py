@@ -1,0 +1,145 @@
+"""Decode launcher: templates/attention_decode.py.jinja -> ``attn_decode_split`` + ``attn_decode_combine``.
+
+For short queries against long keys (decoding: one new query per sequence against a KV
+cache) the prefill grid has B * Hq programs of mostly empty query tiles, each reading the
+whole cache.  Here the G query heads of one key/value head and their M positions are packed
+as the rows of one tile, so K and V are read once per key/value head, and the keys are split
+over ``num_splits`` programs whose partial results are merged exactly by a second kernel.
+``refusal`` is the rule that picks this family (docs/architecture.md); the op's semantics
+are the prefill kernel's, so its backward is the prefill backward.  Tiles are classified in
+the kernel (see the template), so nothing per call depends on the cache length on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusepass.autotune.config import DecodeConfig
+from fusepass.call import AttentionCall
+
+from . import render
+from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launches, new_output, plan_key, scalar_args,
+                            spec_module)
+from .limits import next_pow2
+from .spec import KernelSpec
+
+# The family serves queries of at most MAX_QUERY_LEN positions whose packed rows (query heads
+# per key/value head x positions) fit one tile of MAX_PACKED_ROWS, against at least
+# MIN_KV_LEN keys.  NOTE: H200, bf16, B=8, Hq=32, Hkv=8, D=128, M=1..16 (bench_decode, both
+# families called directly, host cost included): the prefill kernel wins at N <= 1024 (61-83
+# against 49-141 us), the decode family from N = 4096 on (87-138 against 182-185 us; at 16k
+# 234-366 against 668-671).  Two launches cost ~100 us of host time there: under CUDA graphs
+# the crossover would be lower.
+MAX_QUERY_LEN = 16
+MAX_PACKED_ROWS = 64
+MIN_KV_LEN = 4096
+# Splits: enough programs to fill the GPU about twice, each walking at least MIN_TILES_PER_SPLIT tiles.
+PROGRAMS_PER_SM = 2
+MIN_TILES_PER_SPLIT = 4
+
+
+def packed_rows(call: AttentionCall) -> int:
+    """Rows of the packed query tile: the query heads of one key/value head times the positions."""
+    return call.groups * call.q_len
+
+
+def refusal(call: AttentionCall) -> Optional[str]:
+    """None when the decode family serves ``call``, else why the prefill kernel runs it."""
+    return refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p)
+
+
+def refusal_for(q_len: int, groups: int, kv_len: int, dropout_p: float) -> Optional[str]:
+    """The rule on sizes alone (explain reads it at compile time)."""
+    if q_len > MAX_QUERY_LEN:
+        return f"query length {q_len} > {MAX_QUERY_LEN}"
+    if groups * q_len > MAX_PACKED_ROWS:
+        return f"{groups} query heads per key/value head x {q_len} positions > {MAX_PACKED_ROWS} rows"
+    if kv_len < MIN_KV_LEN:
+        return f"key length {kv_len} < {MIN_KV_LEN}"
+    if dropout_p > 0:
+        return "dropout (training)"
+    return None
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(call: AttentionCall) -> DecodeConfig:
+    """BLOCK_N keys per step and the split count from the shape and the number of SMs."""
+    block_n = 32 if call.q.device.type != "cuda" else (64 if max(call.head_dim, call.v_head_dim) > 128 else 128)
+    n_tiles = cdiv(call.kv_len, block_n)
+    pairs = call.batch * call.kv_heads
+    want = cdiv(PROGRAMS_PER_SM * _sm_count(call.q.device), pairs)
+    splits = max(1, min(want, n_tiles // MIN_TILES_PER_SPLIT or 1))
+    return DecodeConfig(BLOCK_N=block_n, num_splits=splits, num_warps=4, num_stages=2)
+
+
+@dataclasses.dataclass
+class _Plan:
+    spec: KernelSpec
+    cfg: DecodeConfig
+    split: object  # the rendered kernels
+    combine: object
+    block_m: int
+    tiles_per_split: int
+    tail: list
+    consts: dict
+    interpret: bool
+
+
+_plans = PlanCache()
+
+
+def kernel_module(spec: KernelSpec, interpret: bool):
+    return spec_module("attention_decode.py.jinja", spec, interpret)
+
+
+def _make_plan(call: AttentionCall, config: Optional[DecodeConfig]) -> _Plan:
+    spec = KernelSpec.for_call(call)
+    cfg = config or default_config(call)
+    interpret = call.q.device.type != "cuda"
+    mod = kernel_module(spec, interpret)
+    block_m = max(16, next_pow2(packed_rows(call)))
+    n_tiles = cdiv(call.kv_len, cfg.BLOCK_N)
+    tiles_per_split = cdiv(n_tiles, cfg.num_splits)
+    splits = cdiv(n_tiles, tiles_per_split)  # no empty split
+    cfg = dataclasses.replace(cfg, num_splits=splits)
+    q, k, v = call.q, call.k, call.v
+    tail = [*q.stride(), *k.stride(), *v.stride(), call.q_heads, call.groups, call.q_len, call.kv_len,
+            call.kv_heads, splits,
+            *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, call.kv_len)]
+    consts = dict(head_dims(spec), BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N)
+    return _Plan(spec, cfg, mod.attn_decode_split, mod.attn_decode_combine, block_m, tiles_per_split, tail,
+                 consts, interpret)
+
+
+def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32: the op's semantics, as the prefill
+    kernel computes them (``refusal(call)`` must be None)."""
+    q, v = call.q, call.v
+    B, Hq, Hkv, M = call.batch, call.q_heads, call.kv_heads, call.q_len
+    plan = _plans.get(plan_key(call, call.signature, config), lambda: _make_plan(call, config))
+    cfg, spec = plan.cfg, plan.spec
+    out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
+    lse = new_output((B, Hq, M), torch.float32, q.device)
+    dv_p = plan.consts["HEAD_DIM_V_P"]
+    acc = torch.empty((B * Hkv, cfg.num_splits, plan.block_m, dv_p), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B * Hkv, cfg.num_splits, 2, plan.block_m), dtype=torch.float32, device=q.device)
+    extras = extra_args(call.biases, call.masks, call.mask_args)
+    launches["decode"] += 1
+    with render.interpreting() if plan.interpret else contextlib.nullcontext():
+        plan.split[(cfg.num_splits, B * Hkv)](
+            q, call.k, v, acc, stats, plan.tiles_per_split, *extras, *plan.tail, **plan.consts,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        plan.combine[(B * Hkv,)](
+            q, call.k, v, out, lse, acc, stats, *out.stride(), *extras, *plan.tail, **plan.consts,
+            num_warps=cfg.num_warps, num_stages=1)
+    return out, lse

@@ -1,0 +1,156 @@
+"""The decode family (split-KV, query heads packed per key/value head) against float64.
+
+Under Triton's interpreter on CPU at small shapes (the GPU run carries the ``gpu`` marker):
+odd key lengths, one key, keys not a multiple of the split, rows that see no key, GQA 1/4/8,
+softcap, sliding windows from a cache offset, padding masks (bool and additive), a cache
+longer than its filled part (strided K/V), and the dispatcher's choice of family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import assert_close_to_reference  # noqa: E402
+from fusepass.autotune.config import DecodeConfig  # noqa: E402
+from fusepass.kernels import decode, launch_common  # noqa: E402
+from fusepass.ops.dispatch import forward_call  # noqa: E402
+from kernel_cases import Case, dense_attention  # noqa: E402
+
+CAUSAL = "j <= i + (N - M)"
+WINDOW = "(j <= i + (N - M)) & (j > i + (N - M) - a0)"
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    # Every output element the kernels forget to write is NaN.
+    monkeypatch.setattr(launch_common, "poison_outputs", True)
+
+
+def check(case: Case, config=None, device="cpu"):
+    q, k, v, biases, masks, seed = case.tensors(device)
+    feats = (None, case.D ** -0.5, case.softcap, 0.0, case.fill, case.expr, list(case.args))
+    call = forward_call(q, k, v, biases, masks, *feats)
+    out, lse = decode.attention_forward(call, config)
+    ref, ref_lse = dense_attention(q.double(), k.double(), v.double(), [b.double() for b in biases], masks, *feats)
+    eager, _ = dense_attention(q, k, v, biases, masks, *feats)
+    assert_close_to_reference(out, eager, ref, name="out")
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4, equal_nan=True)
+    return out
+
+
+SPLITS = DecodeConfig(BLOCK_N=32, num_splits=3, num_warps=4, num_stages=1)
+
+CASES = [
+    Case(B=2, Hq=2, Hkv=2, M=1, N=100, D=16),  # plain multi-head, ragged last tile
+    Case(B=1, Hq=8, Hkv=2, M=1, N=1, D=16),  # one key
+    Case(B=2, Hq=8, Hkv=1, M=1, N=97, D=32, Dv=16),  # GQA 8, Dv != D
+    Case(B=1, Hq=4, Hkv=1, M=3, N=70, D=16, expr=CAUSAL),  # a few queries, causal from the cache offset
+    Case(B=2, Hq=4, Hkv=2, M=2, N=90, D=16, expr=WINDOW, args=(20,)),  # sliding window
+    Case(B=1, Hq=4, Hkv=1, M=1, N=77, D=16, softcap=5.0),
+    Case(B=2, Hq=4, Hkv=2, M=1, N=65, D=16, mask_shapes=((2, 1, 1, 65),)),  # a key-padding bool mask
+    Case(B=2, Hq=4, Hkv=2, M=4, N=50, D=16, bias_shapes=((2, 1, 4, 50),)),  # a learned / additive bias
+    Case(B=1, Hq=2, Hkv=1, M=2, N=40, D=16, expr="j < a0", args=(0,)),  # no visible key: NaN rows, as eager
+    Case(B=1, Hq=2, Hkv=1, M=2, N=40, D=16, expr="j < a0", args=(0,), fill=-1e9),  # finite fill: mean of V
+    Case(B=1, Hq=4, Hkv=2, M=1, N=64, D=16, dtype=torch.bfloat16, expr=CAUSAL),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c.B}_G{c.Hq // c.Hkv}_M{c.M}_N{c.N}_{c.expr[:6]}")
+@pytest.mark.parametrize("config", [None, SPLITS], ids=["default", "3splits"])
+def test_decode_matches_float64(case, config):
+    check(case, config)
+
+
+def test_padding_masks_from_left_padded_prompts():
+    """A batch of prompts of which one is left-padded: an additive finfo.min key mask with a
+    causal predicate, one new query per sequence (the transformers decode step)."""
+    B, Hq, Hkv, N, D = 2, 4, 2, 48, 16
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
+    pad = torch.zeros(B, 1, 1, N)
+    pad[0, :, :, :7] = torch.finfo(torch.float32).min  # the first prompt is left-padded by 7
+    feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
+    out, _ = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats), SPLITS)
+    ref, _ = dense_attention(q.double(), k.double(), v.double(), [pad.double()], [], *feats)
+    eager, _ = dense_attention(q, k, v, [pad], [], *feats)
+    assert_close_to_reference(out, eager, ref, name="out")
+
+
+def test_a_cache_longer_than_its_filled_part():
+    """K and V are the filled part of a static cache: a strided slice, not a copy."""
+    B, Hq, Hkv, D, filled = 1, 4, 2, 16, 45
+    cache_k, cache_v = torch.randn(B, Hkv, 128, D), torch.randn(B, Hkv, 128, D)
+    k, v = cache_k[:, :, :filled], cache_v[:, :, :filled]
+    q = torch.randn(B, Hq, 1, D)
+    feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, "", [])
+    out, _ = decode.attention_forward(forward_call(q, k, v, [], [], *feats), SPLITS)
+    ref, _ = dense_attention(q.double(), k.double(), v.double(), [], [], *feats)
+    eager, _ = dense_attention(q, k, v, [], [], *feats)
+    assert_close_to_reference(out, eager, ref, name="out")
+
+
+def test_the_dispatcher_picks_the_family_by_shape(monkeypatch):
+    """Short queries against long keys run the decode family; a prefill-shaped call the prefill
+    kernel; dropout (training) the prefill kernel too.  The counter is the launchers' own."""
+    from fusepass.ops.attention import fused_attention
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    N = decode.MIN_KV_LEN
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, N, 16), torch.randn(1, 2, N, 16)
+    before = dict(launch_common.launches)
+    fused_attention(q, k, v)
+    assert launch_common.launches["decode"] == before.get("decode", 0) + 1
+    assert launch_common.launches["fwd"] == before.get("fwd", 0)
+    assert decode.refusal(forward_call(q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])) is None
+    long_q = torch.randn(1, 4, 40, 16)
+    assert "query length" in decode.refusal(forward_call(long_q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
+    short_k = forward_call(q, k[:, :, :100], v[:, :, :100], [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])
+    assert "key length" in decode.refusal(short_k)
+    drop = forward_call(q, k, v, [], [], torch.tensor(1), 1.0, 0.0, 0.1, -math.inf, "", [])
+    assert decode.refusal(drop) == "dropout (training)"
+
+
+def test_explain_names_the_family():
+    import fusepass
+
+    def attention(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+
+    N = decode.MIN_KV_LEN
+    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, N, 16), torch.randn(1, 2, N, 16)
+    report = fusepass.explain(attention, q, k, v, options={"inner": "aot_eager", "interpret": True})
+    assert report.sites[0].runs_on == "triton, decode family (split-KV)"
+    torch._dynamo.reset()  # else the second shape compiles with symbolic sizes (decided per call)
+    q = torch.randn(1, 2, 64, 16)
+    report = fusepass.explain(attention, q, k, v, options={"inner": "aot_eager", "interpret": True})
+    assert report.sites[0].runs_on.startswith("triton, prefill family (not decode: query length 64")
+
+
+def test_split_count_follows_the_sms_and_the_key_length(monkeypatch):
+    monkeypatch.setattr(decode, "_sm_count", lambda device: 132)
+    q = torch.randn(8, 32, 1, 128)
+    for N, want_min in ((4096, 2), (131072, 4)):
+        k = torch.randn(8, 8, 1, 128).expand(8, 8, N, 128)
+        cfg = decode.default_config(forward_call(q, k, k, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
+        n_tiles = -(-N // cfg.BLOCK_N)
+        assert cfg.num_splits >= want_min and n_tiles // cfg.num_splits >= decode.MIN_TILES_PER_SPLIT
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("G,M,N,D,expr", [(4, 1, 4096, 128, CAUSAL), (8, 1, 33000, 128, ""), (1, 1, 1000, 64, ""),
+                                          (4, 4, 2047, 256, WINDOW), (8, 2, 5000, 80, CAUSAL)])
+def test_gpu_decode(dtype, G, M, N, D, expr):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    case = Case(B=3, Hq=2 * G, Hkv=2, M=M, N=N, D=D, dtype=dtype, expr=expr, args=(700,) if expr == WINDOW else (),
+                softcap=30.0 if D == 80 else 0.0, mask_shapes=((3, 1, 1, N),) if N == 5000 else ())
+    check(case, device="cuda")
+    one = dataclasses.replace(case, B=1, mask_shapes=tuple((1, *m[1:]) for m in case.mask_shapes))
+    check(one, DecodeConfig(BLOCK_N=64, num_splits=7, num_warps=4, num_stages=2), device="cuda")
