@@ -91,15 +91,18 @@ def _lift_checked(found, softmax, writes, options: Options, example_inputs):
     lift = options.mask_predicates and example_inputs is not None
     if lift:
         predicates.lift(found, nodes.fake(nodes.softmax(softmax).input).shape, example_inputs)
+    scores = nodes.fake(nodes.softmax(softmax).input)
     try:
         writes.check(found, mutations.leaves_of(found))
-        return found
     except Refusal as refusal:
         if not lift:
             raise
         log.debug("masks at %s not read as predicates: %s", softmax.name, refusal)
-    found = matcher.match_site(softmax)
-    writes.check(found, mutations.leaves_of(found))
+        found = matcher.match_site(softmax)
+        writes.check(found, mutations.leaves_of(found))
+    reason = predicates.fp16_absorbing_bias(found, scores.shape, example_inputs)
+    if reason is not None:
+        raise Refusal(reason)
     return found
 
 

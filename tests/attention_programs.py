@@ -381,6 +381,9 @@ def expected_fusion(prog: Program) -> Optional[bool]:
     additive = sum(_mask_parts(m)[1] in ADDITIVE for m in prog.masks) + bool(prog.bias)
     if prog.dtype == "float16" and additive > 1:
         return None  # refused unless masks are lifted: eager's fp16 sum of several terms can overflow
+    if prog.dtype == "float16" and any(_mask_parts(m)[1] in ADDITIVE and _mask_parts(m)[2] in ("min", "-1e4")
+                                       for m in prog.masks):
+        return None  # refused when kept as a bias and a row may be fully hidden: eager's fp16 sum absorbs s
     fill, finite_fill_seen = None, False
     for mask in prog.masks:
         _, apply, f = _mask_parts(mask)

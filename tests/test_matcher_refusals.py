@@ -249,3 +249,22 @@ def test_plain_softmax_is_not_a_site(case):
     report = fusepass.explain(fn, *args, options=OPTS)
     assert report.sites == []
     assert "no attention found" in str(report)
+
+
+# ---------------------------------------------------------------- eager's low precision decides
+def fp16_padding_bias(q, k, v, keep):
+    # transformers' eager padding mask in float16: 0 where kept, finfo.min where hidden, added.
+    s = q @ k.transpose(-2, -1) * D**-0.5
+    s = s + torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, torch.finfo(q.dtype).min)
+    return F.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def test_float16_mask_kept_as_a_bias_in_rows_that_may_be_fully_hidden():
+    """In a row the mask hides entirely, eager's fp16 ``s + finfo.min`` rounds every score to
+    -65504 (fp16's spacing there is 32), a uniform row; the op's fp32 sum keeps s and gives
+    softmax(s) (seen: outputs 0.25 / 0.64 apart).  Left as written."""
+    q, k, v = _qkv(torch.float16)
+    keep = torch.ones(B, 1, M, N, dtype=torch.bool)
+    keep[0, :, 3] = False  # one row of the first batch sees no key
+    keep[1, :, :, 5:] = False
+    check_refused(fp16_padding_bias, (q, k, v, keep), ["float16", "fully hidden"])

@@ -184,6 +184,37 @@ def lift(match: Match, scores_shape: Sequence[Any], example_inputs: Sequence[Any
     log.debug("mask read as %r with %d data mask(s)", match.mask_expr, len(masks))
 
 
+# fp16 spacing reaches 2 at 2048: a fill this large absorbs the scores' fractions in eager's sum.
+FP16_ABSORBING_FILL = -2048.0
+
+
+def fp16_absorbing_bias(match: Match, scores_shape: Sequence[Any], example_inputs: Optional[Sequence[Any]]) -> Optional[str]:
+    """Why a float16 site must stay as written, or None.
+
+    A mask kept as a bias (``s + where(keep, 0, fill)`` with a large finite fill) is summed in
+    fp16 by eager: in a row whose every key it hides, ``s + fill`` rounds to a few values (fp16's
+    -65504 has a spacing of 32), so eager's row is uniform over the keys tied at its max, while
+    the op's fp32 sum keeps ``s`` and gives softmax(s).  Unless every row provably keeps a
+    visible key, such a site is refused.  (A float16 bias is taken to be summed in float16:
+    conservative when the scores were upcast first.)"""
+    M, N = scores_shape[-2], scores_shape[-1]
+    for b in match.biases:
+        fake = nodes.fake(b.node)
+        if fake is None or fake.dtype != torch.float16:
+            continue
+        reading = read_mask(b.node, "additive", scores_shape, example_inputs)
+        if reading is None or reading.fill is None or not math.isfinite(reading.fill):
+            continue
+        if reading.fill > FP16_ABSORBING_FILL:
+            continue
+        keep = " & ".join(f"({e})" for e in (match.mask_expr, reading.expr) if e)
+        if reading.data_masks or match.masks or not rows_never_empty(keep, M, N):
+            return ("float16 with a mask kept as an additive bias (fill "
+                    f"{reading.fill:g}) in rows that may be fully hidden: eager's fp16 sum absorbs the "
+                    "scores there (a uniform row), the op's fp32 sum does not")
+    return None
+
+
 def hint(x: Any) -> int:
     """A concrete int for an int, a SymInt, or a node holding one (its example value)."""
     if isinstance(x, fx.Node):
