@@ -76,10 +76,11 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor, prompt_len: int) -> str:
 
 
 def check_generate(name: str, cache: str, sizes: Sizes, device: str, dtype: torch.dtype, options: dict, *,
-                   exact_tokens: bool, kernel_calls: Counter = None) -> None:
+                   exact_tokens: bool, kernel_calls: Counter = None, decode_family: bool = False) -> None:
     """The whole check for one model and cache (see the module docstring).
 
     ``exact_tokens``: tokens must equal eager's; the logits rule applies either way.
+    ``decode_family``: the decode steps must run the split-KV decode kernels (counted).
     ``kernel_calls``: test_models_gpu's counter of kernel launches (``LaunchCounter``), to require that every
     fused call ran the Triton forward kernel (None: not checked).
     """
@@ -137,7 +138,10 @@ def check_generate(name: str, cache: str, sizes: Sizes, device: str, dtype: torc
     )
     if kernel_calls is not None:
         # Every fused call launched the Triton forward kernel; none ran the PyTorch reference.
-        assert kernel_calls.counts() == Counter({"fwd": ops[FUSED_OP]}), dict(kernel_calls.counts())
+        counts = kernel_calls.counts()
+        assert counts["fwd"] + counts["decode"] == ops[FUSED_OP] and set(counts) <= {"fwd", "decode"}, dict(counts)
+        if decode_family:  # every decode step (the prompt too, when short enough)
+            assert counts["decode"] >= sizes.layers * (sizes.new_tokens - 1), dict(counts)
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -165,6 +169,18 @@ def test_generate_through_the_triton_kernels_on_cpu(interpreted_kernels, kernel_
     sizes = dataclasses.replace(CPU_SIZES, new_tokens=8)
     check_generate("llama", "dynamic", sizes, "cpu", torch.float32, interpreted_kernels,
                    exact_tokens=True, kernel_calls=kernel_calls)
+
+
+def test_generate_through_the_decode_kernels_on_cpu(interpreted_kernels, kernel_calls, monkeypatch):
+    """The decode family in generate(): Qwen2 (GQA) with a StaticCache (K/V a slice of the
+    cache, the unfilled part masked) and a left-padded batch; the family's key-length floor
+    lowered so that this small cache reaches it.  Tokens identical to eager."""
+    from fusepass.kernels import decode
+
+    monkeypatch.setattr(decode, "MIN_KV_LEN", 1)
+    sizes = dataclasses.replace(CPU_SIZES, new_tokens=6)
+    check_generate("qwen2", "static", sizes, "cpu", torch.float32, interpreted_kernels,
+                   exact_tokens=True, kernel_calls=kernel_calls, decode_family=True)
 
 
 def test_user_recipe_as_written():
