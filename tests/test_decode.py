@@ -135,11 +135,31 @@ def test_explain_names_the_family():
 def test_split_count_follows_the_sms_and_the_key_length(monkeypatch):
     monkeypatch.setattr(decode, "_sm_count", lambda device: 132)
     q = torch.randn(8, 32, 1, 128)
-    for N, want_min in ((4096, 2), (131072, 4)):
-        k = torch.randn(8, 8, 1, 128).expand(8, 8, N, 128)
-        cfg = decode.default_config(forward_call(q, k, k, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
-        n_tiles = -(-N // cfg.BLOCK_N)
-        assert cfg.num_splits >= want_min and n_tiles // cfg.num_splits >= decode.MIN_TILES_PER_SPLIT
+    k = torch.randn(8, 8, 1, 128).expand(8, 8, 4096, 128)
+    cfg = decode.default_config(forward_call(q, k, k, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
+    assert cfg.num_splits == 5  # 2 x 132 programs over 64 (batch, key/value head) pairs
+    cfg = dataclasses.replace(cfg, BLOCK_N=128)
+    for N in (1, 128, 4096, 131072):
+        splits, per_split = decode.splits_for(N, cfg)
+        n_tiles = -(-N // 128)
+        assert 1 <= splits <= cfg.num_splits and (splits - 1) * per_split < n_tiles <= splits * per_split
+        assert splits == 1 or per_split >= decode.MIN_TILES_PER_SPLIT
+
+
+def test_a_growing_cache_reuses_one_plan(monkeypatch):
+    """A decode step adds one key: the plan (kernel, tiles, constants) is made once, and every
+    length is still right."""
+    monkeypatch.setattr(decode, "_plans", decode.PlanCache())
+    q = torch.randn(1, 4, 1, 16)
+    cache_k, cache_v = torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16)
+    feats = (None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
+    for N in (61, 62, 63, 64, 65):
+        k, v = cache_k[:, :, :N], cache_v[:, :, :N]
+        out, _ = decode.attention_forward(forward_call(q, k, v, [], [], *feats), SPLITS)
+        ref, _ = dense_attention(q.double(), k.double(), v.double(), [], [], *feats)
+        eager, _ = dense_attention(q, k, v, [], [], *feats)
+        assert_close_to_reference(out, eager, ref, name=f"out N={N}")
+    assert len(decode._plans._plans) == 1
 
 
 @pytest.mark.gpu

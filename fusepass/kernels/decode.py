@@ -75,22 +75,32 @@ def _sm_count(device: torch.device) -> int:
 def default_config(call: AttentionCall) -> DecodeConfig:
     """BLOCK_N keys per step and the split count from the shape and the number of SMs."""
     block_n = 32 if call.q.device.type != "cuda" else (64 if max(call.head_dim, call.v_head_dim) > 128 else 128)
-    n_tiles = cdiv(call.kv_len, block_n)
-    pairs = call.batch * call.kv_heads
-    want = cdiv(PROGRAMS_PER_SM * _sm_count(call.q.device), pairs)
-    splits = max(1, min(want, n_tiles // MIN_TILES_PER_SPLIT or 1))
-    return DecodeConfig(BLOCK_N=block_n, num_splits=splits, num_warps=4, num_stages=2)
+    return DecodeConfig(BLOCK_N=block_n, num_splits=_wanted_splits(call), num_warps=4, num_stages=2)
+
+
+def _wanted_splits(call: AttentionCall) -> int:
+    """Splits per (batch, key/value head) that fill the GPU about PROGRAMS_PER_SM times."""
+    return cdiv(PROGRAMS_PER_SM * _sm_count(call.q.device), call.batch * call.kv_heads)
+
+
+def splits_for(kv_len: int, cfg: DecodeConfig) -> tuple[int, int]:
+    """(splits, tiles per split) for ``kv_len`` keys: at most cfg.num_splits, each walking at
+    least MIN_TILES_PER_SPLIT tiles when there are enough, none empty."""
+    n_tiles = cdiv(kv_len, cfg.BLOCK_N)
+    splits = max(1, min(cfg.num_splits, n_tiles // MIN_TILES_PER_SPLIT or 1))
+    per_split = cdiv(n_tiles, splits)
+    return cdiv(n_tiles, per_split), per_split
 
 
 @dataclasses.dataclass
 class _Plan:
+    """What does not depend on the cache length (it grows by one key per decode step)."""
+
     spec: KernelSpec
-    cfg: DecodeConfig
+    cfg: DecodeConfig  # num_splits: the most a launch may use
     split: object  # the rendered kernels
     combine: object
     block_m: int
-    tiles_per_split: int
-    tail: list
     consts: dict
     interpret: bool
 
@@ -102,44 +112,45 @@ def kernel_module(spec: KernelSpec, interpret: bool):
     return spec_module("attention_decode.py.jinja", spec, interpret)
 
 
+def _structure(call: AttentionCall) -> tuple:
+    """The call's signature without the key length and the strides that follow it."""
+    q = call.q
+    return (q.shape, q.stride(), q.dtype, q.device, call.k.shape[:2], call.head_dim, call.v_head_dim,
+            len(call.biases), len(call.masks), call.seed is not None, call.params(), call.run)
+
+
 def _make_plan(call: AttentionCall, config: Optional[DecodeConfig]) -> _Plan:
     spec = KernelSpec.for_call(call)
     cfg = config or default_config(call)
     interpret = call.q.device.type != "cuda"
     mod = kernel_module(spec, interpret)
     block_m = max(16, next_pow2(packed_rows(call)))
-    n_tiles = cdiv(call.kv_len, cfg.BLOCK_N)
-    tiles_per_split = cdiv(n_tiles, cfg.num_splits)
-    splits = cdiv(n_tiles, tiles_per_split)  # no empty split
-    cfg = dataclasses.replace(cfg, num_splits=splits)
-    q, k, v = call.q, call.k, call.v
-    tail = [*q.stride(), *k.stride(), *v.stride(), call.q_heads, call.groups, call.q_len, call.kv_len,
-            call.kv_heads, splits,
-            *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, call.kv_len)]
     consts = dict(head_dims(spec), BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N)
-    return _Plan(spec, cfg, mod.attn_decode_split, mod.attn_decode_combine, block_m, tiles_per_split, tail,
-                 consts, interpret)
+    return _Plan(spec, cfg, mod.attn_decode_split, mod.attn_decode_combine, block_m, consts, interpret)
 
 
 def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32: the op's semantics, as the prefill
     kernel computes them (``refusal(call)`` must be None)."""
-    q, v = call.q, call.v
-    B, Hq, Hkv, M = call.batch, call.q_heads, call.kv_heads, call.q_len
-    plan = _plans.get(plan_key(call, call.signature, config), lambda: _make_plan(call, config))
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
+    plan = _plans.get(plan_key(call, _structure(call), config), lambda: _make_plan(call, config))
     cfg, spec = plan.cfg, plan.spec
+    splits, per_split = splits_for(N, cfg)
     out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
-    dv_p = plan.consts["HEAD_DIM_V_P"]
-    acc = torch.empty((B * Hkv, cfg.num_splits, plan.block_m, dv_p), dtype=torch.float32, device=q.device)
-    stats = torch.empty((B * Hkv, cfg.num_splits, 2, plan.block_m), dtype=torch.float32, device=q.device)
+    acc = torch.empty((B * Hkv, splits, plan.block_m, plan.consts["HEAD_DIM_V_P"]), dtype=torch.float32,
+                      device=q.device)
+    stats = torch.empty((B * Hkv, splits, 2, plan.block_m), dtype=torch.float32, device=q.device)
     extras = extra_args(call.biases, call.masks, call.mask_args)
+    tail = [*q.stride(), *k.stride(), *v.stride(), Hq, call.groups, M, N, Hkv, splits,
+            *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)]
     launches["decode"] += 1
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
-        plan.split[(cfg.num_splits, B * Hkv)](
-            q, call.k, v, acc, stats, plan.tiles_per_split, *extras, *plan.tail, **plan.consts,
+        plan.split[(splits, B * Hkv)](
+            q, k, v, acc, stats, per_split, *extras, *tail, **plan.consts,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         plan.combine[(B * Hkv,)](
-            q, call.k, v, out, lse, acc, stats, *out.stride(), *extras, *plan.tail, **plan.consts,
+            q, k, v, out, lse, acc, stats, *out.stride(), *extras, *tail, **plan.consts,
             num_warps=cfg.num_warps, num_stages=1)
     return out, lse

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
+import struct
 import threading
 from typing import Callable, TypeVar
 
@@ -126,6 +127,11 @@ def natural_units(spec: KernelSpec) -> bool:
     return spec.n_biases > 0
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to fp32 (numpy is not a dependency; struct does it without torch)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def scalar_args(spec: KernelSpec, scale, softcap, dropout_p, mask_fill, N) -> list:
     """The kernels' scalar tail: sm_scale, scale_log2e, softcap, inv_softcap, drop_threshold,
     drop_scale, fill_lse, fill (the same order in every kernel's signature)."""
@@ -134,11 +140,11 @@ def scalar_args(spec: KernelSpec, scale, softcap, dropout_p, mask_fill, N) -> li
     drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     fill_lse = 0.0
     if spec.finite_fill:
-        # logsumexp of N equal fills, rounded like torch's fp32 logsumexp: fill + log(N).
-        f32 = torch.float32  # numpy is not a dependency; round through fp32 scalars on the CPU
-        fill_lse = (torch.tensor(mask_fill, dtype=f32) + torch.tensor(math.log(max(N, 1)), dtype=f32)).item()
+        # logsumexp of N equal fills, rounded like torch's fp32 logsumexp: fill + log(N) (the
+        # double sum of two fp32 values, rounded once, is their fp32 sum).
+        fill_lse = _f32(_f32(mask_fill) + _f32(math.log(max(N, 1))))
     # The fill itself, rounded to fp32 (the kernels compare fp32 scores with it); -inf for none.
-    fill = torch.tensor(mask_fill, dtype=torch.float32).item() if spec.finite_fill else float("-inf")
+    fill = _f32(mask_fill) if spec.finite_fill else float("-inf")
     return [
         float(scale), float(scale) * log2e, float(softcap), 1.0 / softcap if softcap > 0 else 0.0,
         threshold, drop_scale, fill_lse, fill,
