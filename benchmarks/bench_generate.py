@@ -1,0 +1,127 @@
+"""generate() end to end: a transformers Llama-style model with GQA (random weights), greedy.
+
+Columns, each a fresh copy of the same weights:
+- ``eager``: eager attention, no compile (the tokens every other column must reproduce);
+- ``fusepass``: eager attention, ``model.forward = torch.compile(model.forward, backend="fusepass")``;
+- ``inductor``: eager attention, ``torch.compile(model.forward)`` (its attention is not fused);
+- ``sdpa``: the model hand-switched to ``attn_implementation="sdpa"``, ``torch.compile(model.forward)``.
+With a StaticCache, ``mode="reduce-overhead"`` (CUDA graphs) is a second row per variant.
+
+Tokens/s of the new tokens, median of ``--repeats`` generate() calls after one warm-up call
+(compiles excluded; the first call's time is printed), and whether the tokens equal eager's
+(fusepass's must; in bf16 a variant with other arithmetic, SDPA's, may legitimately differ).
+
+    PYTHONPATH=$PWD FUSEPASS_AUTOTUNE=0 python benchmarks/bench_generate.py            # H200 sizes
+    PYTHONPATH=$PWD python benchmarks/bench_generate.py --tiny --device cpu             # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+
+def build(args, attn: str):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.hidden * 3,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=args.prompt + args.new_tokens + 8, bos_token_id=1, eos_token_id=None,
+        pad_token_id=0, attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def prompts(args, batch: int, device):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, args.vocab, (batch, args.prompt), generator=g)
+    mask = torch.ones_like(ids)
+    if batch > 1:  # one left-padded prompt, as a batch of real prompts has
+        ids[1, : args.prompt // 8] = 0
+        mask[1, : args.prompt // 8] = 0
+    return ids.to(device), mask.to(device)
+
+
+def generation(args, cache: str):
+    import transformers
+
+    return transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
+        bos_token_id=1, eos_token_id=None, cache_implementation="static" if cache == "static" else None,
+        disable_compile=True,
+    )
+
+
+def run(model, ids, mask, gen_cfg, device):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tiny", action="store_true", help="a small model and short prompts (CPU smoke test)")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--caches", default="dynamic,static")
+    ap.add_argument("--variants", default="fusepass,inductor,sdpa")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    big = dict(hidden=2048, layers=8, heads=32, kv_heads=8, vocab=32000, prompt=2048, new_tokens=256)
+    tiny = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=128, prompt=16, new_tokens=8)
+    for k, v in (tiny if args.tiny else big).items():
+        setattr(args, k, v)
+    import fusepass  # noqa: F401  (registers the backend)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch._dynamo.config.cache_size_limit = 64
+    base = {attn: build(args, attn).to(device, dtype) for attn in ("eager", "sdpa")}
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        ids, mask = prompts(args, batch, device)
+        for cache in args.caches.split(","):
+            gen_cfg = generation(args, cache)
+            want = run(base["eager"], ids, mask, gen_cfg, device)
+            modes = [None] + (["reduce-overhead"] if cache == "static" and device.type == "cuda" else [])
+            for mode in modes:
+                for variant in args.variants.split(","):
+                    model = copy.deepcopy(base["sdpa" if variant == "sdpa" else "eager"])
+                    kw = {"backend": "fusepass"} if variant == "fusepass" else {}
+                    if mode:
+                        kw["mode"] = mode
+                    torch._dynamo.reset()
+                    model.forward = torch.compile(model.forward, **kw)
+                    t0 = time.perf_counter()
+                    first = run(model, ids, mask, gen_cfg, device)
+                    compile_s = time.perf_counter() - t0
+                    same = "yes" if torch.equal(first, want) else "no"
+                    times = []
+                    for _ in range(args.repeats):
+                        t0 = time.perf_counter()
+                        run(model, ids, mask, gen_cfg, device)
+                        times.append(time.perf_counter() - t0)
+                    cell = f"{batch * args.new_tokens / statistics.median(times):.0f}"
+                    rows.append((batch, cache, mode or "default", variant, cell, same, f"{compile_s:.0f}"))
+                    print(rows[-1], flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n{name}, torch {torch.__version__}, {args.dtype}, Llama hidden {args.hidden}, {args.layers} layers, "
+          f"{args.heads}/{args.kv_heads} heads, prompt {args.prompt}, {args.new_tokens} new tokens; tokens/s "
+          f"(first call s)\n")
+    print("| B | cache | mode | variant | tokens/s | tokens as eager | first call s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(map(str, r)) + " |")
+
+
+if __name__ == "__main__":
+    main()
