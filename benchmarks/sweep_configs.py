@@ -1,4 +1,4 @@
-"""Time fusepass forward/backward over a few KernelConfigs (to choose heuristics defaults).
+"""Time fusepass forward/backward over a few ForwardConfig / BackwardConfig values (to choose heuristics defaults).
 
     PYTHONPATH=$PWD python benchmarks/sweep_configs.py
 """

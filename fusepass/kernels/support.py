@@ -81,10 +81,3 @@ def fp32_dot_precision() -> str:
     except AttributeError:  # torch < 2.9
         return "tf32" if matmul.allow_tf32 else "ieee"
     return "tf32" if precision == "tf32" else "ieee"
-
-
-def runtime_reason(q: torch.Tensor, v: torch.Tensor, mask_fill: float, softcap: float = 0.0, *,
-                   interpret: Optional[bool] = None) -> Optional[str]:
-    cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
-    return fallback_reason(q.device.type, q.dtype, q.shape[-1], v.shape[-1], mask_fill, capability=cap,
-                           softcap=softcap, interpret=interpret)
