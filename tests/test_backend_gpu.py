@@ -70,3 +70,32 @@ def test_dynamic_lengths_compile_at_most_twice_on_cuda():
             _check(compiled(q, k, v), model, q, k, v)
     assert len(graphs) <= 2
     assert counters["fusepass"]["attention_fused"] == len(graphs)
+
+
+def gqa_decode(q, k, v):
+    """One new query per sequence against a static cache, GQA written as repeat_kv."""
+    G = q.shape[1] // k.shape[1]
+    k = k[:, :, None].expand(-1, -1, G, -1, -1).flatten(1, 2)
+    v = v[:, :, None].expand(-1, -1, G, -1, -1).flatten(1, 2)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    return F.softmax(s.float(), dim=-1).type_as(q) @ v
+
+
+def test_reduce_overhead_runs_the_decode_family_under_cuda_graphs():
+    """A decode step (query length 1, a static cache of 4096 keys) recorded and replayed: the
+    decode family's launches are capturable (no host sync, no host block map)."""
+    from fusepass.kernels import launch_common
+
+    compiled = torch.compile(gqa_decode, backend="fusepass", mode="reduce-overhead")
+    k, v = (torch.randn(2, 2, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    report = fusepass.explain(gqa_decode, torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16), k, v)
+    assert report.sites[0].runs_on == "triton, decode family (split-KV)"
+    before = launch_common.launches["decode"]
+    with torch.no_grad():
+        for _ in range(4):  # warm-up, record, replays
+            q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+            got = compiled(q, k, v).clone()
+            eager = gqa_decode(q, k, v)
+            ref = gqa_decode(q.double(), k.double(), v.double())
+            assert_close_to_reference(got, eager, ref)
+    assert launch_common.launches["decode"] > before
