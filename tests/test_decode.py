@@ -110,10 +110,33 @@ def test_the_dispatcher_picks_the_family_by_shape(monkeypatch):
     assert decode.refusal(forward_call(q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])) is None
     long_q = torch.randn(1, 4, 40, 16)
     assert "query length" in decode.refusal(forward_call(long_q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
+    monkeypatch.setattr(decode, "_last_kv_len", {})
     short_k = forward_call(q, k[:, :, :100], v[:, :, :100], [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])
-    assert "key length" in decode.refusal(short_k)
+    assert "key length 100" in decode.refusal(short_k)
+    assert decode.refusal(short_k) is not None  # the same length again: not growing
     drop = forward_call(q, k, v, [], [], torch.tensor(1), 1.0, 0.0, 0.1, -math.inf, "", [])
     assert decode.refusal(drop) == "dropout (training)"
+
+
+def test_a_growing_cache_below_the_floor_runs_the_decode_family(monkeypatch):
+    """Decode steps add a key per call: below MIN_KV_LEN the first call runs the prefill kernel,
+    the next (a longer cache, same structure) the decode family; a repeated length stays."""
+    from fusepass.ops.attention import fused_attention
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    monkeypatch.setattr(decode, "_last_kv_len", {})
+    q = torch.randn(1, 4, 1, 16)
+    cache_k, cache_v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    seen = []
+    for N in (30, 31, 32, 32):
+        before = dict(launch_common.launches)
+        k, v = cache_k[:, :, :N], cache_v[:, :, :N]
+        out = fused_attention(q, k, v, mask_expr=CAUSAL)
+        seen.append("decode" if launch_common.launches["decode"] > before.get("decode", 0) else "prefill")
+        ref, _ = dense_attention(q.double(), k.double(), v.double(), [], [], None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
+        eager, _ = dense_attention(q, k, v, [], [], None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
+        assert_close_to_reference(out, eager, ref, name=f"N={N}")
+    assert seen == ["prefill", "decode", "decode", "prefill"]
 
 
 def test_explain_names_the_family():
@@ -130,6 +153,10 @@ def test_explain_names_the_family():
     q = torch.randn(1, 2, 64, 16)
     report = fusepass.explain(attention, q, k, v, options={"inner": "aot_eager", "interpret": True})
     assert report.sites[0].runs_on.startswith("triton, prefill family (not decode: query length 64")
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 1, 16)
+    report = fusepass.explain(attention, q, k[:, :, :100], v[:, :, :100], options={"inner": "aot_eager", "interpret": True})
+    assert report.sites[0].runs_on.endswith("key length 100 < 4096, and not a growing cache)")
 
 
 def test_split_count_follows_the_sms_and_the_key_length(monkeypatch):
