@@ -477,7 +477,7 @@ class Run:
     name: str                 # "reference", "interpreter" or "cuda"
     options: dict             # torch.compile options
     device: str
-    kernel_calls: dict        # "fwd" / "bwd": Triton launcher calls seen so far
+    kernel_calls: dict        # "fwd" (prefill or decode family) / "bwd": Triton launcher calls seen so far
 
 
 RUNS = [pytest.param("reference"), pytest.param("interpreter"), pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -495,10 +495,14 @@ def op_run(request, monkeypatch, tmp_path_factory):
         return
     pytest.importorskip("triton")
     import fusepass.kernels.backward as kernel_bwd
+    import fusepass.kernels.decode as kernel_decode
     import fusepass.kernels.forward as kernel_fwd
     from fusepass.kernels import launch_common
 
-    for module, name, key in ((kernel_fwd, "attention_forward", "fwd"), (kernel_bwd, "attention_backward", "bwd")):
+    # Either forward family counts as the Triton forward (short queries against a cache whose
+    # length changes between calls run the decode family).
+    for module, name, key in ((kernel_fwd, "attention_forward", "fwd"), (kernel_decode, "attention_forward", "fwd"),
+                              (kernel_bwd, "attention_backward", "bwd")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _key=key, **kw: calls.update([_key]) or _real(*a, **kw))
     if request.param == "cuda":

@@ -25,6 +25,11 @@ Plan = TypeVar("Plan")
 launches: collections.Counter = collections.Counter()
 
 
+def forward_launches() -> int:
+    """Forward launches of either family (prefill "fwd", decode "decode") so far."""
+    return launches["fwd"] + launches["decode"]
+
+
 class PlanCache:
     """Launch plans by key, the oldest dropped past ``size`` (dynamic lengths make
     a new key per length)."""
