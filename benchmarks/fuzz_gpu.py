@@ -61,10 +61,15 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", action="store_true", help="CPU: the op's reference instead of the kernels")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long")
     parser.add_argument("--out", default="fuzz_failures.jsonl", help="failures, one JSON object a line")
+    parser.add_argument("--profile", choices=["gpu", "interpreter", "reference"], default=None,
+                        help="sizes to draw from (default: the device's); --profile gpu on CPU replays a GPU "
+                             "program's seed in the interpreter")
     args = parser.parse_args(argv)
 
     on_cuda = args.device.startswith("cuda")
     base = ap.GPU if on_cuda else (ap.REFERENCE if args.reference else ap.INTERPRETER)
+    if args.profile:
+        base = {"gpu": ap.GPU, "interpreter": ap.INTERPRETER, "reference": ap.REFERENCE}[args.profile]
     profile = dataclasses.replace(base, dtypes=tuple(args.dtypes.split(",")))
     options = {"inner": args.inner}
     if not on_cuda and not args.reference:

@@ -33,6 +33,22 @@ def _fail(msg: str):
     raise ValueError(f"fusepass.attention: {msg}")
 
 
+class _memo:
+    """``functools.cached_property`` without its lock (Python 3.11 takes one per access): the
+    value is computed once and then found in the instance's ``__dict__``.  The calls are frozen,
+    so it never goes stale."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.name = fn, fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 def tensor_signature(t: Tensor) -> tuple:
     return (t.shape, t.stride(), t.dtype, t.device)
 
@@ -105,17 +121,26 @@ class AttentionCall:
     @property
     def empty(self) -> bool:
         """No score exists (no rows or no keys): nothing to launch."""
-        return self.batch * self.q_heads * self.q_len == 0 or self.kv_len == 0
+        B, H, M, _ = self.q.shape
+        return B * H * M == 0 or self.k.shape[2] == 0
 
     def params(self) -> tuple:
         """The scalar parameters (hashable)."""
         return (self.scale, self.softcap, self.dropout_p, self.mask_fill, self.mask_expr, self.mask_args)
 
-    @functools.cached_property
+    @_memo
     def signature(self) -> tuple:
         """Everything but tensor contents: what validation and launch plans depend on."""
         return (tuple(tensor_signature(t) for t in (self.q, self.k, self.v, *self.biases, *self.masks)),
                 len(self.biases), self.seed is not None, self.params(), self.run)
+
+    @_memo
+    def structure(self) -> tuple:
+        """The signature without the key length and the strides that follow from it: what stays
+        the same while a KV cache grows by one key per decode step."""
+        return (tensor_signature(self.q), self.k.shape[:2], self.k.dtype, self.head_dim, self.v_head_dim,
+                tuple(t.dtype for t in (*self.biases, *self.masks)), len(self.biases), self.seed is not None,
+                self.params(), self.run)
 
     def validate(self) -> None:
         key = self.signature
@@ -200,7 +225,7 @@ class BackwardCall:
         call.validate()
         return call
 
-    @functools.cached_property
+    @_memo
     def signature(self) -> tuple:
         return (self.forward.signature, tensor_signature(self.grad_out), tensor_signature(self.out),
                 tensor_signature(self.lse), self.bias_needs_grad)

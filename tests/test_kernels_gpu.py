@@ -73,3 +73,41 @@ def test_cuda_graph_and_no_recompile_per_length():
         torch.cuda.synchronize()
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125)
         assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def test_repeated_calls_launch_directly_and_match_triton_s_own_launch():
+    """After a plan's first launch (through JITFunction.run), its calls go to the compiled
+    kernel's launcher (kernels/launcher.py): same results; a pointer of another alignment goes
+    through Triton again and is right too."""
+    from fusepass.kernels import decode, forward, launcher
+
+    launcher.direct_launches.clear()
+    dev, dt = "cuda", torch.bfloat16
+    base = torch.randn(2 * 4 * 256 * 64 + 1, device=dev, dtype=dt)
+    q = base[:-1].view(2, 4, 256, 64)
+    k, v = (torch.randn(2, 4, 256, 64, device=dev, dtype=dt) for _ in range(2))
+
+    def run(q):
+        return forward.attention_forward(forward_call(q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, CAUSAL, []))
+
+    first = run(q)
+    assert launcher.direct_launches["attn_fwd"] == 0
+    again = run(q)
+    assert launcher.direct_launches["attn_fwd"] == 1
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    shifted = base[1:].view(2, 4, 256, 64)  # 2 bytes in: not 16-byte aligned
+    out, _ = run(shifted)
+    ref = torch.nn.functional.scaled_dot_product_attention(shifted, k, v, is_causal=True, scale=0.125)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    # The decode family's two kernels too, as the cache grows.
+    outs = []
+    for N in (5000, 5001, 5001):
+        kc, vc = (torch.randn(2, 2, N, 64, device=dev, dtype=dt) for _ in range(2))
+        qd = torch.randn(2, 8, 1, 64, device=dev, dtype=dt)
+        call = forward_call(qd, kc, vc, [], [], None, 0.125, 0.0, 0.0, -math.inf, "", [])
+        out, _ = decode.attention_forward(call)
+        ref = torch.nn.functional.scaled_dot_product_attention(qd, kc.repeat_interleave(4, 1),
+                                                               vc.repeat_interleave(4, 1), scale=0.125)
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2, N
+    assert launcher.direct_launches["attn_decode_split"] >= 1 and launcher.direct_launches["attn_decode_combine"] >= 1

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import fusepass
 from fusepass import backend as fusepass_backend
 from fusepass.masks import classify
+from fusepass.ops.attention import FORWARD_OPS
 
 from conftest import assert_close_to_reference
 from e2e_util import (
@@ -54,7 +55,7 @@ def inner_graphs(monkeypatch):
 
 
 def attention_calls(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.fusepass.attention.default]
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FORWARD_OPS]
 
 
 def _shape(n: fx.Node) -> Optional[tuple]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fusepass
+from fusepass.ops.attention import FORWARD_OPS
 from attention_programs import MATMULS  # the spellings of a batched product, shared with the fuzzer
 from conftest import assert_close_to_reference
 from e2e_util import fresh_leaves
@@ -478,7 +479,7 @@ def test_gqa_op_gets_unrepeated_kv(how):
     sp = Spelling(gqa=how)
     t = make_inputs(sp, torch.float32)
     gm = _fused_graph(build(sp), _copy(t))
-    calls = [n for n in gm.graph.nodes if n.target is torch.ops.fusepass.attention.default]
+    calls = [n for n in gm.graph.nodes if n.target in FORWARD_OPS]
     assert len(calls) == 1
     q, k, v = (n.meta.get("example_value", n.meta.get("val")) if isinstance(n, fx.Node) else None
                for n in calls[0].args[:3])

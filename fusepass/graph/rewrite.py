@@ -71,6 +71,17 @@ def _shape4(op: Operand, rank: int) -> tuple:
     return (1,) * (4 - len(shape)) + shape if rank != 3 else (shape[0], 1) + shape[1:]
 
 
+def _forward_op(m: Match):
+    """The op a site calls: ``attention_inference`` (no autograd layer) when its output needs
+    no grad (nothing it reads requires grad, or grad mode is off there).  Dynamo guards every
+    input's requires_grad and the grad mode, so what the example value says holds for every
+    call this graph serves."""
+    out = nodes.fake(m.out_node)
+    if out is None or out.requires_grad:
+        return torch.ops.fusepass.attention.default
+    return torch.ops.fusepass.attention_inference.default
+
+
 def op_shapes(m: Match) -> tuple[tuple, tuple, tuple]:
     return tuple(_shape4(o, m.scores_rank) for o in (m.q, m.k, m.v))
 
@@ -175,7 +186,7 @@ def rewrite(gm: fx.GraphModule, m: Match, expand: tuple[bool, bool, bool], repla
         if m.dropout_p > 0:
             seed = graph.call_function(torch.randint, (0, 2**31 - 1, ()), {"dtype": torch.int64, "device": "cpu"})
         call = graph.call_function(
-            torch.ops.fusepass.attention.default,
+            _forward_op(m),
             (q, k, v, biases, masks, seed, float(m.scale), float(m.softcap), float(m.dropout_p),
              float(m.mask_fill), m.mask_expr, list(m.mask_args), run),
         )

@@ -25,6 +25,7 @@ from fusepass.call import AttentionCall
 from . import render
 from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launches, new_output, plan_key, scalar_args,
                             spec_module)
+from .launcher import Launcher
 from .limits import next_pow2
 from .spec import KernelSpec
 
@@ -59,7 +60,7 @@ _LAST_MAX = 1024
 
 def _growing(call: AttentionCall) -> bool:
     """Whether the key length changed since the previous call of the same structure."""
-    key = _structure(call)
+    key = call.structure
     last = _last_kv_len.get(key)
     if len(_last_kv_len) >= _LAST_MAX:
         _last_kv_len.clear()
@@ -67,9 +68,18 @@ def _growing(call: AttentionCall) -> bool:
     return last is not None and last != call.kv_len
 
 
+def serves(call: AttentionCall) -> bool:
+    """Whether the decode family serves ``call`` (``refusal(call) is None``, without building
+    the reason: this runs on every call)."""
+    M = call.q_len
+    if M > MAX_QUERY_LEN or call.groups * M > MAX_PACKED_ROWS or call.dropout_p > 0:
+        return False
+    return _growing(call) or call.kv_len >= MIN_KV_LEN
+
+
 def refusal(call: AttentionCall) -> Optional[str]:
     """None when the decode family serves ``call``, else why the prefill kernel runs it."""
-    return refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, growing=_growing(call))
+    return None if serves(call) else refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p)
 
 
 def refusal_for(q_len: int, groups: int, kv_len: int, dropout_p: float, *, growing: bool = False) -> Optional[str]:
@@ -122,6 +132,8 @@ class _Plan:
     block_m: int
     consts: dict
     interpret: bool
+    launch_split: Launcher
+    launch_combine: Launcher
 
 
 _plans = PlanCache()
@@ -131,13 +143,6 @@ def kernel_module(spec: KernelSpec, interpret: bool):
     return spec_module("attention_decode.py.jinja", spec, interpret)
 
 
-def _structure(call: AttentionCall) -> tuple:
-    """The call's signature without the key length and the strides that follow it."""
-    q = call.q
-    return (q.shape, q.stride(), q.dtype, q.device, call.k.shape[:2], call.head_dim, call.v_head_dim,
-            len(call.biases), len(call.masks), call.seed is not None, call.params(), call.run)
-
-
 def _make_plan(call: AttentionCall, config: Optional[DecodeConfig]) -> _Plan:
     spec = KernelSpec.for_call(call)
     cfg = config or default_config(call)
@@ -145,7 +150,10 @@ def _make_plan(call: AttentionCall, config: Optional[DecodeConfig]) -> _Plan:
     mod = kernel_module(spec, interpret)
     block_m = max(16, next_pow2(packed_rows(call)))
     consts = dict(head_dims(spec), BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N)
-    return _Plan(spec, cfg, mod.attn_decode_split, mod.attn_decode_combine, block_m, consts, interpret)
+    split, combine = mod.attn_decode_split, mod.attn_decode_combine
+    return _Plan(spec, cfg, split, combine, block_m, consts, interpret,
+                 Launcher(split, consts, cfg.num_warps, cfg.num_stages, direct=not interpret),
+                 Launcher(combine, consts, cfg.num_warps, 1, direct=not interpret))
 
 
 def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None) -> tuple[Tensor, Tensor]:
@@ -153,7 +161,7 @@ def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None
     kernel computes them (``refusal(call)`` must be None)."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
-    plan = _plans.get(plan_key(call, _structure(call), config), lambda: _make_plan(call, config))
+    plan = _plans.get(plan_key(call, call.structure, config), lambda: _make_plan(call, config))
     cfg, spec = plan.cfg, plan.spec
     splits, per_split = splits_for(N, cfg)
     out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
@@ -166,10 +174,6 @@ def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None
             *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)]
     launches["decode"] += 1
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
-        plan.split[(splits, B * Hkv)](
-            q, k, v, acc, stats, per_split, *extras, *tail, **plan.consts,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        plan.combine[(B * Hkv,)](
-            q, k, v, out, lse, acc, stats, *out.stride(), *extras, *tail, **plan.consts,
-            num_warps=cfg.num_warps, num_stages=1)
+        plan.launch_split((splits, B * Hkv), q, k, v, acc, stats, per_split, *extras, *tail)
+        plan.launch_combine((B * Hkv,), q, k, v, out, lse, acc, stats, *out.stride(), *extras, *tail)
     return out, lse

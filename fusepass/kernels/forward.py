@@ -22,6 +22,7 @@ from fusepass.call import AttentionCall
 
 from . import blockmap, render
 from .heuristics import ConfigProvider, ConfigQuery, choose
+from .launcher import Launcher
 from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, new_output, plan_key,
                             scalar_args, seed_tensor, spec_module)
 from .spec import KernelSpec
@@ -50,6 +51,14 @@ class _Plan:
     map_args: Optional[list]  # None: read from the masks per call
     interpret: bool
     fitted: bool = False
+    launchers: dict = dataclasses.field(default_factory=dict)  # by config: see kernels/launcher.py
+
+    def launcher(self, cfg: ForwardConfig) -> Launcher:
+        found = self.launchers.get(cfg)
+        if found is None:
+            found = self.launchers[cfg] = Launcher(self.kernel, self.consts, cfg.num_warps, cfg.num_stages,
+                                                   direct=not self.interpret)
+        return found
 
 
 _plans = PlanCache()
@@ -107,11 +116,14 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
     seed = seed_tensor(call.seed, q.device) if plan.spec.dropout else None
     extras = extra_args(call.biases, call.masks, call.mask_args)
 
-    def launch(cfg: ForwardConfig) -> None:
-        plan.kernel[plan.grid](q, call.k, v, out, lse, seed, *map_args, *extras, *plan.tail, **plan.consts,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
     launches["fwd"] += 1
+    if plan.fitted and not plan.interpret:  # the hot path: one lookup and the launch
+        plan.launcher(plan.cfg)(plan.grid, q, call.k, v, out, lse, seed, *map_args, *extras, *plan.tail)
+        return out, lse
+
+    def launch(cfg: ForwardConfig) -> None:
+        plan.launcher(cfg)(plan.grid, q, call.k, v, out, lse, seed, *map_args, *extras, *plan.tail)
+
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
         if plan.fitted:
             launch(plan.cfg)

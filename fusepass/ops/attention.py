@@ -38,12 +38,17 @@ log = logging.getLogger(__name__)
 # layers (an output-alias check and a Dynamo-disable wrapper: 23 against 15 µs a call on this
 # schema, measured on CPU; see docs/architecture.md).
 _lib = torch.library.Library("fusepass", "DEF")
-_lib.define(
-    "attention(Tensor q, Tensor k, Tensor v, Tensor[] biases, Tensor[] masks, Tensor? seed, float scale, "
+_FORWARD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor[] biases, Tensor[] masks, Tensor? seed, float scale, "
     "float softcap, float dropout_p, float mask_fill, str mask_expr, SymInt[] mask_args, str run=\"\") "
-    "-> (Tensor, Tensor)",
-    tags=(torch.Tag.pt2_compliant_tag,),
+    "-> (Tensor, Tensor)"
 )
+_lib.define("attention" + _FORWARD_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+# The same op without an autograd formula, for sites none of whose inputs can require grad
+# (the rewrite emits it then: graph/rewrite.py).  Torch's C++ autograd fallback passes it
+# through, where the Python autograd layer of ``attention`` costs ~7 µs a call (CPU, measured):
+# host time a decode step pays once per layer.
+_lib.define("attention_inference" + _FORWARD_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
 _lib.define(
     "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] biases, "
     "Tensor[] masks, Tensor? seed, float scale, float softcap, float dropout_p, float mask_fill, str mask_expr, "
@@ -64,11 +69,15 @@ def _attention_backward_impl(grad_out, q, k, v, out, lse, biases, masks, seed, s
 
 
 _lib.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+_lib.impl("attention_inference", _attention_impl, "CompositeExplicitAutograd")
 _lib.impl("attention_backward", _attention_backward_impl, "CompositeExplicitAutograd")
 attention = torch.ops.fusepass.attention.default
+attention_inference = torch.ops.fusepass.attention_inference.default
+FORWARD_OPS = (attention, attention_inference)  # what a fused site calls
 attention_backward = torch.ops.fusepass.attention_backward.default
 
 
+@torch.library.register_fake("fusepass::attention_inference")
 @torch.library.register_fake("fusepass::attention")
 def _attention_fake(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
                     run=""):

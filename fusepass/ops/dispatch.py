@@ -58,7 +58,7 @@ def _reason(device, dtype, head_dim, v_head_dim, mask_fill, softcap, interpret):
 
 def run_forward(call: AttentionCall):
     if kernel_reason(call) is None:
-        if decode.refusal(call) is None:  # short queries, long keys: the split-KV family
+        if decode.serves(call):  # short queries, long keys: the split-KV family
             return decode.attention_forward(call)
         from fusepass.kernels.forward import attention_forward
 

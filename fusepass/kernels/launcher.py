@@ -1,0 +1,119 @@
+"""Launching a rendered kernel without Triton's per-call argument binding.
+
+``JITFunction.run`` binds and specializes every argument on every launch: with our ~40
+arguments that is most of a launch's host time (measured on the H200: 34-48 µs a bare launch,
+of which the compiled launcher itself is a few).  A :class:`Launcher` belongs to one launch
+plan, whose argument types are fixed by the plan's call signature.  It remembers Triton's
+compiled kernel by what Triton's specialization reads from the values that can change between
+calls (whether each pointer is 16-byte aligned; the ints and floats themselves), and on a hit
+calls the compiled kernel's launcher directly, as ``JITFunction.run`` ends by doing.
+
+Anything this module does not recognize goes through ``JITFunction.run`` unchanged: the
+interpreter, a Triton without the launcher interface (feature-tested once), launch hooks set
+by a profiler, another device current than the one the kernel was loaded on.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import logging
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+# Launches that skipped JITFunction.run, by kernel name: what tests read to know the direct
+# path really ran.
+direct_launches: collections.Counter = collections.Counter()
+
+_SCALARS = (int, float, bool, type(None))
+_MAX_KERNELS = 256  # per launcher; dynamic lengths make a new key per length
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime():
+    """(knobs.runtime, get_current_device, get_current_stream) of this process's Triton, or None
+    when it lacks the interface the direct path needs (Triton >= 3.3 has it)."""
+    try:
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        active = driver.active
+        return knobs.runtime, active.get_current_device, active.get_current_stream
+    except Exception as e:  # no Triton, or one laid out differently: always JITFunction.run
+        log.debug("fusepass: kernels launch through JITFunction.run (%s)", e)
+        return None
+
+
+def _trailing_values(fn, n_positional: int, consts: dict) -> Optional[tuple]:
+    """Values of the kernel's parameters after the first ``n_positional`` (the constexprs we
+    pass by name, else their defaults), in signature order: the rest of the argument list
+    ``JITFunction.run`` hands the compiled launcher.  None when one has no value."""
+    params = list(inspect.signature(fn.fn).parameters.values())[n_positional:]
+    values = []
+    for p in params:
+        if p.name in consts:
+            values.append(consts[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            values.append(p.default)
+        else:
+            return None
+    if set(consts) - {p.name for p in params}:
+        return None  # a keyword the kernel does not take: let Triton report it
+    return tuple(values)
+
+
+def arg_key(args) -> tuple:
+    """What Triton's specialization reads from per-call values: scalars by value, pointers by
+    16-byte alignment (their dtypes are fixed by the plan that owns the launcher)."""
+    return tuple([a if a.__class__ in _SCALARS else a.data_ptr() % 16 == 0 for a in args])
+
+
+class Launcher:
+    """One rendered kernel of one launch plan, with its constexprs and launch options."""
+
+    def __init__(self, fn: Any, consts: dict, num_warps: int, num_stages: int, *, direct: bool = True) -> None:
+        self.fn = fn
+        self.consts = consts
+        self.options = dict(num_warps=num_warps, num_stages=num_stages)
+        self.name = getattr(fn, "__name__", "kernel")
+        self._direct = direct and _runtime() is not None
+        self._trailing: Optional[tuple] = None
+        self._kernels: dict = {}
+
+    def __call__(self, grid: tuple, *args) -> None:
+        if self._direct:
+            runtime, current_device, current_stream = _runtime()
+            if runtime.launch_enter_hook is None and runtime.launch_exit_hook is None:
+                device = current_device()
+                key = (device, arg_key(args))
+                hit = self._kernels.get(key)
+                if hit is not None:
+                    run, function, metadata = hit
+                    g = (*grid, 1, 1)
+                    run(g[0], g[1], g[2], current_stream(device), function, metadata, None, None, None,
+                        *args, *self._trailing)
+                    direct_launches[self.name] += 1
+                    return
+                self._remember(key, self.fn[grid](*args, **self.consts, **self.options), len(args))
+                return
+        self.fn[grid](*args, **self.consts, **self.options)
+
+    def _remember(self, key: tuple, kernel: Any, n_args: int) -> None:
+        """Keep the compiled kernel ``JITFunction.run`` returned, if it has the launcher interface."""
+        if hasattr(kernel, "result"):  # an asynchronous compile's future
+            kernel = kernel.result()
+        if self._trailing is None:
+            self._trailing = _trailing_values(self.fn, n_args, self.consts)
+        try:
+            entry = (kernel.run, kernel.function, kernel.packed_metadata)
+        except AttributeError as e:
+            entry = None
+            log.debug("fusepass: %s launches through JITFunction.run (%s)", self.name, e)
+        if entry is None or self._trailing is None:
+            self._direct = False
+            return
+        if len(self._kernels) >= _MAX_KERNELS:
+            self._kernels.clear()
+        self._kernels[key] = entry
