@@ -70,6 +70,28 @@ def bare_launch(q, k, v):
     return run
 
 
+def direct_launch(q, k, v):
+    """The same kernel and arguments through fusepass's Launcher (kernels/launcher.py): Triton's
+    compiled launcher without JITFunction.run's per-call binding."""
+    from fusepass.kernels import forward
+    from fusepass.kernels.launch_common import extra_args
+    from fusepass.kernels.launcher import Launcher
+    from fusepass.ops.dispatch import forward_call
+
+    call = forward_call(q, k, v, [], [], None, 0.125, 0.0, 0.0, float("-inf"), "", [], "autotune=0")
+    plan = forward._make_plan(call, None, None)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    args = (q, k, v, out, lse, None, *plan.map_args, *extra_args((), (), ()), *plan.tail)
+    launch = Launcher(plan.kernel, plan.consts, plan.cfg.num_warps, plan.cfg.num_stages)
+
+    def run():
+        launch(plan.grid, *args)
+        return out
+
+    return run
+
+
 def triton_op_launch(q, k, v):
     """The bare launch as a ``torch.library.triton_op`` (Inductor then emits the launch into
     its generated code), compiled."""
@@ -100,6 +122,7 @@ def variants(q, k, v):
 
     fused = torch.compile(attention, backend="fusepass", options={"autotune": False})
     op = torch.ops.fusepass.attention
+    op_inference = torch.ops.fusepass.attention_inference
     flex = torch.compile(flex_attention)
     sdpa_c = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.125))
     fused_graphs = torch.compile(attention, backend="fusepass", mode="reduce-overhead")
@@ -109,7 +132,10 @@ def variants(q, k, v):
         "fusepass, torch.compile": lambda: fused(q, k, v),
         "fusepass op, called directly": lambda: op(q, k, v, [], [], None, 0.125, 0.0, 0.0, float("-inf"), "", [],
                                                    "autotune=0")[0],
+        "fusepass op without autograd (what a no-grad site calls)": lambda: op_inference(
+            q, k, v, [], [], None, 0.125, 0.0, 0.0, float("-inf"), "", [], "autotune=0")[0],
         "bare Triton launch (same kernel)": bare_launch(q, k, v),
+        "fusepass Launcher, arguments prepared once": direct_launch(q, k, v),
         "triton_op + wrap_triton, torch.compile": None,
         "SDPA eager": lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125),
         "SDPA, torch.compile": lambda: sdpa_c(q, k, v),
