@@ -235,6 +235,20 @@ KERNEL_REGRESSIONS = {
     # bfloat16, 33 keys, a row with no visible key: finite where eager is NaN (HEAD and tree).
     "bfloat16 row with no visible key, 33 keys": Program(dtype="bfloat16", B=1, M=33, N=33,
                                                          masks=("random_empty_row/masked_fill/-inf",)),
+    # One-hot rows (one key, or one visible key behind finite fills): eager's dq/dk are exactly
+    # 0 there, the kernels' ds = p * (dp - Delta) left 1e-5..6e-5 of rounding (GPU seeds 695040,
+    # 895066, 395040; reproduced in the interpreter).  Now ds = 0 where p == 1.
+    "one key, causal finite mask: dq/dk exactly 0": Program(
+        rank=2, B=1, H=1, M=129, N=1, D=40, Dv=128, qk="einsum", pv="Tensor.matmul", qk_eq="id,dj->ij",
+        k_store="bhdn", k_form="", scale="none", masks=("causal_tril/+ full.masked_fill_/min",),
+        softmax="torch.softmax", dynamic=True),
+    "three keys, band and left padding at -1e9: one-hot rows": Program(
+        rank=3, B=1, H=4, M=33, N=3, D=128, Dv=80, qk="Tensor.matmul", pv="einsum", pv_eq="bij,bjd->bid",
+        k_form=".mT", scale="none", masks=("pad_left/masked_fill/-1e9", "band/where/-1e9")),
+    "GQA, three keys, -inf and -1e9 masks and a learned bias: one-hot rows": Program(
+        B=1, H=8, groups=2, M=257, N=3, D=80, Dv=16, qk="torch.matmul", k_form="transpose(pos)",
+        gqa="repeat_interleave", scale="none", bias="param", bias_shape="N",
+        masks=("pad_left/+ full.masked_fill_/-inf", "random/where/-1e9"), softmax="dim=s.dim()-1"),
 }
 
 

@@ -125,6 +125,28 @@ def test_launcher_binds_once_then_calls_the_compiled_launcher(runtime):
     assert launcher.direct_launches["kernel"] == 1
 
 
+def test_an_empty_hook_chain_counts_as_no_hook(runtime):
+    # Triton >= 3.7 keeps its launch hooks in a HookChain, empty when nobody registered one.
+    runtime.launch_enter_hook = types.SimpleNamespace(calls=[])
+    runtime.launch_exit_hook = types.SimpleNamespace(calls=[])
+    jit = _Jit()
+    launch = launcher.Launcher(jit, {"BLOCK": 64}, num_warps=4, num_stages=2)
+    for _ in range(2):
+        launch((1,), _Ptr(4096), _Ptr(8192), 16)
+    assert [entry[0] for entry in jit.log] == ["jit", "direct"]
+    runtime.launch_enter_hook.calls.append(print)  # a registered hook: through JITFunction.run again
+    launch((1,), _Ptr(4096), _Ptr(8192), 16)
+    assert [entry[0] for entry in jit.log] == ["jit", "direct", "jit"]
+
+
+def test_this_triton_s_hooks_are_recognized_as_unset():
+    triton = pytest.importorskip("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        pytest.skip("a Triton without knobs: the launcher always goes through JITFunction.run")
+    assert launcher._unset(knobs.runtime.launch_enter_hook) and launcher._unset(knobs.runtime.launch_exit_hook)
+
+
 @pytest.mark.parametrize("change", ["misaligned pointer", "another int", "launch hook"])
 def test_launcher_goes_through_triton_when_specialization_may_differ(runtime, change):
     jit = _Jit()

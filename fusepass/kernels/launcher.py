@@ -46,6 +46,12 @@ def _runtime():
         return None
 
 
+def _unset(hook) -> bool:
+    """No launch hook: None (Triton <= 3.5) or an empty HookChain (later ones, whose
+    JITFunction.run then hands the launcher the empty chain, which calls nothing)."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
 def _trailing_values(fn, n_positional: int, consts: dict) -> Optional[tuple]:
     """Values of the kernel's parameters after the first ``n_positional`` (the constexprs we
     pass by name, else their defaults), in signature order: the rest of the argument list
@@ -85,7 +91,7 @@ class Launcher:
     def __call__(self, grid: tuple, *args) -> None:
         if self._direct:
             runtime, current_device, current_stream = _runtime()
-            if runtime.launch_enter_hook is None and runtime.launch_exit_hook is None:
+            if _unset(runtime.launch_enter_hook) and _unset(runtime.launch_exit_hook):
                 device = current_device()
                 key = (device, arg_key(args))
                 hit = self._kernels.get(key)

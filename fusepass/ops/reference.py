@@ -338,7 +338,9 @@ def attention_backward(bcall: BackwardCall):
                 p_used = p
             # Summing over the G * bm rows reduces dv over the query heads of the group.
             dv_acc[:, :, j0:j1] += torch.matmul(p_used.view(B, Hkv, G * bm, bn).transpose(-1, -2), dot)
-            ds = p * (dp - delta)  # gradient of the masked scores
+            # The gradient of the masked scores; 0 where p == 1 exactly (a one-hot row at fp32
+            # resolution, whose true ds is below 2^-24 |dp|: dp - delta is only rounding there).
+            ds = torch.where(p == 1.0, 0.0, p * (dp - delta))
             if keep is not None:
                 ds.masked_fill_(~keep, 0.0)  # replaced scores pass no gradient back
             for acc5 in dbias5:
