@@ -64,6 +64,8 @@ def fuse_attention(
             continue
         plans.append((found, expand))
         records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec, options)))
+    if options.context_parallel:
+        _check_context_parallel(records, [match for match, _ in plans])
     guards = [g for match, _ in plans for g in match.guards]
     original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if guards else None
     replaced: dict = {}
@@ -104,6 +106,23 @@ def _lift_checked(found, softmax, writes, options: Options, example_inputs):
     if reason is not None:
         raise Refusal(reason)
     return found
+
+
+def _check_context_parallel(records: list[SiteRecord], fused: list) -> None:
+    """Under context parallelism every attention-like site must run as a ring: one left as
+    written, or one the ring cannot serve, is an error naming it (``fused``: the matches of
+    the fused records, in their order)."""
+    from .parallel import sites
+
+    matches = iter(fused)
+    for r in records:
+        if r.fused:
+            masks = [tuple(nodes.fake(mk.cond).shape) for mk in next(matches).masks]
+            reason = sites.refusal(r.spec, masks)
+        else:
+            reason = f"it is not fused ({r.reason})"
+        if reason is not None:
+            raise sites.error(r.location, reason)
 
 
 def _guarded(compiled: Callable, guards: list[Guard], original: fx.GraphModule) -> Callable:

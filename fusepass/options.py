@@ -16,6 +16,16 @@ from typing import Any, Mapping, Optional
 log = logging.getLogger(__name__)
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+# How a context-parallel sequence is laid out over its ranks (fusepass/parallel/layout.py implements them).
+CP_LAYOUTS = ("head_tail", "contiguous")
+
+
+def _group_name(raw: Any, source: str) -> str:
+    """The context_parallel option as a process group's name ("" = off): a 1-D DeviceMesh, a
+    ProcessGroup or a name.  Imported here, not at the top: options must not import torch."""
+    from fusepass.parallel.group import group_name
+
+    return group_name(raw, source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +44,13 @@ class Options:
     interpret: bool = False
     # Read mask construction into position predicates (block skipping); False keeps masks as tensors.
     mask_predicates: bool = True
+    # Context parallelism: the ranks that each hold a shard of the sequence, as a 1-D DeviceMesh, a
+    # ProcessGroup or a group's name (kept as the name).  Every fused attention then runs as a ring
+    # over that group (fusepass/parallel); "" = off.
+    context_parallel: str = dataclasses.field(default="", metadata={"parse": _group_name})
+    # Which positions each of those ranks holds: "head_tail" (torch's context_parallel default)
+    # or "contiguous" (torch with load balancing turned off).
+    context_parallel_layout: str = "head_tail"
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_COMPILERS:
@@ -42,6 +59,12 @@ class Options:
             )
         if self.min_seq_len < 0:
             raise ValueError(f"fusepass: option min_seq_len must be >= 0, got {self.min_seq_len}")
+        if self.context_parallel_layout not in CP_LAYOUTS:
+            raise ValueError(f"fusepass: option context_parallel_layout={self.context_parallel_layout!r} is not "
+                             f"one of {', '.join(CP_LAYOUTS)}")
+        if self.context_parallel and not self.fuse:
+            # An unfused attention would see only its rank's shard of the keys.
+            raise ValueError("fusepass: option context_parallel needs fuse=True")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -49,7 +72,9 @@ class Options:
 
     def run(self) -> "RunOptions":
         """What the op calls of this compile carry for their run."""
-        return RunOptions(autotune=self.autotune, interpret=True if self.interpret else None)
+        cp = self.context_parallel or None
+        return RunOptions(autotune=self.autotune, interpret=True if self.interpret else None,
+                          cp_group=cp, cp_layout=self.context_parallel_layout if cp else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,26 +85,59 @@ class RunOptions:
 
     autotune: Optional[bool] = None  # time kernel configs on the GPU
     interpret: Optional[bool] = None  # CPU tensors run the kernels in Triton's interpreter
+    # Context parallelism: the process group's name (resolved per call) and the layout (one of
+    # CP_LAYOUTS); both or neither.  The call then runs as a ring (fusepass/parallel/ring.py).
+    cp_group: Optional[str] = dataclasses.field(default=None, metadata={"text": True})
+    cp_layout: Optional[str] = dataclasses.field(default=None, metadata={"text": True})
+
+    def __post_init__(self) -> None:
+        if (self.cp_group is None) != (self.cp_layout is None):
+            raise ValueError("fusepass.attention: run options cp_group and cp_layout go together")
+        if self.cp_layout is not None and self.cp_layout not in CP_LAYOUTS:
+            raise ValueError(f"fusepass.attention: run option cp_layout={self.cp_layout!r} is not one of "
+                             f"{', '.join(CP_LAYOUTS)}")
+        if self.cp_group is not None and not _is_text_value(self.cp_group):
+            raise ValueError(f"fusepass.attention: process group name {self.cp_group!r} cannot travel in a run "
+                             "string (empty, or holds ',' or '=')")
+
+    @property
+    def context_parallel(self) -> bool:
+        return self.cp_group is not None
+
+    def local(self) -> "RunOptions":
+        """The same run without context parallelism: what the ring's per-chunk calls get."""
+        return dataclasses.replace(self, cp_group=None, cp_layout=None)
 
     def encode(self) -> str:
-        return ",".join(f"{f.name}={int(v)}" for f in dataclasses.fields(self)
+        return ",".join(f"{f.name}={v if f.metadata.get('text') else int(v)}" for f in dataclasses.fields(self)
                         if (v := getattr(self, f.name)) is not None)
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
     def decode(text: str) -> "RunOptions":
-        values: dict[str, bool] = {}
-        names = {f.name for f in dataclasses.fields(RunOptions)}
+        values: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(RunOptions)}
         for item in filter(None, text.split(",")):
             name, _, value = item.partition("=")
-            if name not in names or value not in ("0", "1"):
-                raise ValueError(f"fusepass.attention: run option {item!r} is not one of "
-                                 f"{', '.join(sorted(names))} = 0/1")
-            values[name] = value == "1"
+            field = fields.get(name)
+            if field is not None and field.metadata.get("text") and _is_text_value(value):
+                values[name] = value
+            elif field is not None and not field.metadata.get("text") and value in ("0", "1"):
+                values[name] = value == "1"
+            else:
+                valid = ", ".join(f"{f.name}=<text>" if f.metadata.get("text") else f"{f.name}=0/1"
+                                  for f in fields.values())
+                raise ValueError(f"fusepass.attention: run option {item!r} is not one of {valid}")
         return RunOptions(**values)
 
 
+def _is_text_value(value: str) -> bool:
+    return bool(value) and "," not in value and "=" not in value
+
+
 def _parse(field: dataclasses.Field, raw: Any, source: str) -> Any:
+    if "parse" in field.metadata:
+        return field.metadata["parse"](raw, source)
     kind = field.type if isinstance(field.type, str) else field.type.__name__
     if kind == "bool":
         if isinstance(raw, bool):

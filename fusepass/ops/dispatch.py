@@ -82,11 +82,20 @@ def run_backward(call: BackwardCall):
 
 
 def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run=""):
-    return run_forward(forward_call(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill,
-                                    mask_expr, mask_args, run))
+    call = forward_call(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
+    if call.run.context_parallel:  # a ring over the sequence's ranks, each chunk pair run as any call
+        from fusepass.parallel import ring
+
+        return ring.forward(call, run_forward)
+    return run_forward(call)
 
 
 def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
              mask_fill, mask_expr, mask_args, bias_needs_grad, run=""):
-    return run_backward(backward_call(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
-                                      mask_fill, mask_expr, mask_args, bias_needs_grad, run))
+    call = backward_call(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p, mask_fill,
+                         mask_expr, mask_args, bias_needs_grad, run)
+    if call.forward.run.context_parallel:
+        from fusepass.parallel import ring
+
+        return ring.backward(call, run_backward)
+    return run_backward(call)
