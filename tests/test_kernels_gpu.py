@@ -9,6 +9,7 @@ import torch
 
 from kernel_cases import Case, run_case
 from fusepass.ops.dispatch import forward_call
+from fusepass.call import BackwardCall
 
 pytestmark = pytest.mark.gpu
 
@@ -111,3 +112,30 @@ def test_repeated_calls_launch_directly_and_match_triton_s_own_launch():
                                                                vc.repeat_interleave(4, 1), scale=0.125)
         assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2, N
     assert launcher.direct_launches["attn_decode_split"] >= 1 and launcher.direct_launches["attn_decode_combine"] >= 1
+
+
+def test_repeated_backwards_launch_directly_and_match_the_first():
+    """The backward's kernels (pre, dK/dV, dQ; with a bias the row statistics too) take the
+    direct launch from a plan's second call on, with the same gradients as the first call."""
+    from fusepass.kernels import backward, forward, launcher
+
+    launcher.direct_launches.clear()
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(2, 4, 192, 64, device=dev, dtype=dt) for _ in range(3))
+    go = torch.randn_like(q)
+    bias = torch.randn(1, 1, 192, 192, device=dev, dtype=dt)
+
+    def run(biases):
+        fwd = forward_call(q, k, v, biases, [], None, 0.125, 0.0, 0.0, -math.inf, CAUSAL, [])
+        out, lse = forward.attention_forward(fwd)
+        return backward.attention_backward(BackwardCall.build(fwd, go, out, lse))
+
+    for biases, kernels in (([], ("attn_bwd_pre", "attn_bwd_dkdv", "attn_bwd_dq")),
+                            ([bias], ("attn_bwd_pre", "attn_bwd_rowstats", "attn_bwd_dkdv", "attn_bwd_dq"))):
+        first = run(biases)
+        before = {n: launcher.direct_launches[n] for n in kernels}
+        again = run(biases)
+        for n in kernels:
+            assert launcher.direct_launches[n] == before[n] + 1, n
+        for a, b in zip(first[:3], again[:3]):
+            assert torch.equal(a, b)

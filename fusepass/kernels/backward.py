@@ -28,6 +28,7 @@ from fusepass.call import BackwardCall
 
 from . import blockmap, render
 from .heuristics import ConfigProvider, ConfigQuery, choose
+from .launcher import Launcher
 from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, natural_units, new_like,
                             new_output, plan_key, scalar_args, seed_tensor, spec_module, strides4)
 from .spec import KernelSpec, padded_head_dim
@@ -50,7 +51,23 @@ class _Plan:
     by_col: Optional[list]  # dK/dV block-map arguments; None: read from the masks per call
     by_row: Optional[list]  # dQ's
     interpret: bool
+    consts: dict  # constexprs every kernel but attn_bwd_pre takes (besides its tiles)
+    pre_consts: dict  # attn_bwd_pre's
     fitted: dict = dataclasses.field(default_factory=dict)  # kernel name -> fitted config
+    launchers: dict = dataclasses.field(default_factory=dict)  # (kernel name, config): see kernels/launcher.py
+
+    def launcher(self, name: str, cfg: Optional[BackwardConfig] = None) -> Launcher:
+        """Kernel ``name``'s launcher under ``cfg`` (None for attn_bwd_pre, which has no config)."""
+        found = self.launchers.get((name, cfg))
+        if found is None:
+            kernel = getattr(self.mod, name)
+            if cfg is None:
+                found = Launcher(kernel, self.pre_consts, direct=not self.interpret)
+            else:
+                found = Launcher(kernel, {**self.consts, **_tiles(name, cfg)}, cfg.num_warps, cfg.num_stages,
+                                 direct=not self.interpret)
+            self.launchers[(name, cfg)] = found
+        return found
 
 
 _plans = PlanCache()
@@ -75,7 +92,9 @@ def _make_plan(bcall: BackwardCall, config: Optional[BackwardConfig], config_for
                                          cfg.BLOCK_STEP, q.device, by="row").kernel_args()
     tail = [Hq, call.groups, M, N, *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)]
     interpret = q.device.type != "cuda"
-    return _Plan(spec, cfg, kernel_module(spec, interpret), tail, by_col, by_row, interpret)
+    pre_consts = dict(HEAD_DIM_V=call.v_head_dim, HEAD_DIM_V_P=padded_head_dim(call.v_head_dim), BLOCK_M=_PRE_BLOCK_M)
+    return _Plan(spec, cfg, kernel_module(spec, interpret), tail, by_col, by_row, interpret, head_dims(spec),
+                 pre_consts)
 
 
 def _data_map_args(call, cfg: BackwardConfig) -> tuple[list, list]:
@@ -123,7 +142,7 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbiases
     plan = _plans.get(plan_key(call, bcall.signature, config, config_for),
                       lambda: _make_plan(bcall, config, config_for))
-    spec, mod = plan.spec, plan.mod
+    spec = plan.spec
     grad_out, out, lse = bcall.grad_out, bcall.out, bcall.lse
     B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
     dq, dk, dv = new_like(q), new_like(k), new_like(v)
@@ -141,12 +160,10 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
     if by_col is None:
         by_col, by_row = _data_map_args(call, plan.cfg)
     tail = plan.tail
-    consts = head_dims(spec)
 
     def launch(name: str, grid_of, args_of) -> None:
         def run(c: BackwardConfig) -> None:
-            getattr(mod, name)[grid_of(c)](*args_of(c), *tail, **consts, **_tiles(name, c),
-                                           num_warps=c.num_warps, num_stages=c.num_stages)
+            plan.launcher(name, c)(grid_of(c), *args_of(c), *tail)
         launches[name.removeprefix("attn_bwd_")] += 1
         fitted = plan.fitted.get(name)
         if fitted is not None:
@@ -155,10 +172,8 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
             plan.fitted[name] = launch_fitting((name, spec), plan.cfg, run)
 
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
-        mod.attn_bwd_pre[(cdiv(M, _PRE_BLOCK_M), B * Hq)](
-            out, grad_out, lse, delta, nan_rows, *out.stride(), *grad_out.stride(), Hq, call.groups, M,
-            HEAD_DIM_V=call.v_head_dim, HEAD_DIM_V_P=padded_head_dim(call.v_head_dim), BLOCK_M=_PRE_BLOCK_M,
-        )
+        plan.launcher("attn_bwd_pre")((cdiv(M, _PRE_BLOCK_M), B * Hq), out, grad_out, lse, delta, nan_rows,
+                                      *out.stride(), *grad_out.stride(), Hq, call.groups, M)
         if shift is not None:
             # Tiles shaped like attn_bwd_dq's (which fit whenever dq's do); only query tiles
             # holding a row with a coarse lse loop over the keys.

@@ -79,10 +79,12 @@ def arg_key(args) -> tuple:
 class Launcher:
     """One rendered kernel of one launch plan, with its constexprs and launch options."""
 
-    def __init__(self, fn: Any, consts: dict, num_warps: int, num_stages: int, *, direct: bool = True) -> None:
+    def __init__(self, fn: Any, consts: dict, num_warps: Optional[int] = None, num_stages: Optional[int] = None, *,
+                 direct: bool = True) -> None:
         self.fn = fn
         self.consts = consts
-        self.options = dict(num_warps=num_warps, num_stages=num_stages)
+        # None: Triton's default for the device.
+        self.options = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
         self.name = getattr(fn, "__name__", "kernel")
         self._direct = direct and _runtime() is not None
         self._trailing: Optional[tuple] = None
