@@ -38,11 +38,14 @@ def backward_call(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softc
 
 def kernel_reason(call: AttentionCall):
     """None when the Triton kernels serve this call (see fusepass.kernels.support)."""
+    q = call.q
+    device = q.device
     interpret = call.run.interpret
-    if interpret is None:
+    if device.type == "cuda":
+        interpret = False  # the interpreter is for CPU tensors only (support.fallback_reason)
+    elif interpret is None:
         interpret = support.interpret_requested()  # the environment, read per call
-    return _reason(call.q.device, call.q.dtype, call.head_dim, call.v_head_dim, call.mask_fill, call.softcap,
-                   interpret)
+    return _reason(device, q.dtype, q.shape[3], call.v.shape[3], call.mask_fill, call.softcap, interpret)
 
 
 @functools.lru_cache(maxsize=256)
