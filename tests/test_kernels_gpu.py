@@ -76,6 +76,18 @@ def test_cuda_graph_and_no_recompile_per_length():
         assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
+def _float64_attention(q, k, v, scale, causal):
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if causal:
+        M, N = s.shape[-2:]
+        s = s.masked_fill(torch.ones(M, N, dtype=torch.bool, device=s.device).triu(N - M + 1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v.double()
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
 def test_repeated_calls_launch_directly_and_match_triton_s_own_launch():
     """After a plan's first launch (through JITFunction.run), its calls go to the compiled
     kernel's launcher (kernels/launcher.py): same results; a pointer of another alignment goes
@@ -97,10 +109,13 @@ def test_repeated_calls_launch_directly_and_match_triton_s_own_launch():
     assert launcher.direct_launches["attn_fwd"] == 1
     for a, b in zip(first, again):
         assert torch.equal(a, b)
-    shifted = base[1:].view(2, 4, 256, 64)  # 2 bytes in: not 16-byte aligned
+    assert _rel(first[0], _float64_attention(q, k, v, 0.125, causal=True)) < 1e-2
+    # 2 bytes in: not 16-byte aligned.  The reference is float64 math, not SDPA: on the H200
+    # (torch 2.11) SDPA's output for this q differed from fusepass's kernel and from the op's
+    # PyTorch reference alike by 0.96 relative, while they agreed on the aligned q.
+    shifted = base[1:].view(2, 4, 256, 64)
     out, _ = run(shifted)
-    ref = torch.nn.functional.scaled_dot_product_attention(shifted, k, v, is_causal=True, scale=0.125)
-    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert _rel(out, _float64_attention(shifted, k, v, 0.125, causal=True)) < 1e-2
     # The decode family's two kernels too, as the cache grows.
     outs = []
     for N in (5000, 5001, 5001):
@@ -108,9 +123,8 @@ def test_repeated_calls_launch_directly_and_match_triton_s_own_launch():
         qd = torch.randn(2, 8, 1, 64, device=dev, dtype=dt)
         call = forward_call(qd, kc, vc, [], [], None, 0.125, 0.0, 0.0, -math.inf, "", [])
         out, _ = decode.attention_forward(call)
-        ref = torch.nn.functional.scaled_dot_product_attention(qd, kc.repeat_interleave(4, 1),
-                                                               vc.repeat_interleave(4, 1), scale=0.125)
-        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2, N
+        ref = _float64_attention(qd, kc.repeat_interleave(4, 1), vc.repeat_interleave(4, 1), 0.125, causal=False)
+        assert _rel(out, ref) < 1e-2, N
     assert launcher.direct_launches["attn_decode_split"] >= 1 and launcher.direct_launches["attn_decode_combine"] >= 1
 
 
