@@ -164,7 +164,9 @@ def test_split_count_follows_the_sms_and_the_key_length(monkeypatch):
     q = torch.randn(8, 32, 1, 128)
     k = torch.randn(8, 8, 1, 128).expand(8, 8, 4096, 128)
     cfg = decode.default_config(forward_call(q, k, k, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
-    assert cfg.num_splits == 5  # 2 x 132 programs over 64 (batch, key/value head) pairs
+    assert cfg.num_splits == 3  # 132 programs over 64 (batch, key/value head) pairs
+    one = decode.default_config(forward_call(q[:1], k[:1], k[:1], [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
+    assert one.num_splits == 33  # few pairs (8): 2 x 132 programs
     cfg = dataclasses.replace(cfg, BLOCK_N=128)
     for N in (1, 128, 4096, 131072):
         splits, per_split = decode.splits_for(N, cfg)

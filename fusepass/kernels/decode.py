@@ -43,8 +43,15 @@ from .spec import KernelSpec
 MAX_QUERY_LEN = 16
 MAX_PACKED_ROWS = 64
 MIN_KV_LEN = 4096
-# Splits: enough programs to fill the GPU about twice, each walking at least MIN_TILES_PER_SPLIT tiles.
-PROGRAMS_PER_SM = 2
+# Splits: about one program per SM, or two when there are few (batch, key/value head) pairs,
+# each program walking at least MIN_TILES_PER_SPLIT tiles.  NOTE: benchmarks/sweep_decode.py on
+# the H200 (bf16, M=1, Hq=32, D=128; RESULTS.md, 2026-12-02 fourth session): one program per SM
+# was the fastest split count at 64 to 256 pairs (B=8 Hkv=8 N=4k-32k: 3 splits, 5% under the
+# 5 that two per SM gave; B=32 Hkv=8 and B=8 Hkv=32: 1 split, 9-11% under 2), two per SM at 8
+# pairs (B=1 N=128k: 33 splits, 1% from the best; one per SM, 17 splits, was slower).
+PROGRAMS_PER_SM = 1
+FEW_PAIRS = 16  # below this many pairs, PROGRAMS_PER_SM_FEW_PAIRS
+PROGRAMS_PER_SM_FEW_PAIRS = 2
 MIN_TILES_PER_SPLIT = 4
 
 
@@ -108,8 +115,11 @@ def default_config(call: AttentionCall) -> DecodeConfig:
 
 
 def _wanted_splits(call: AttentionCall) -> int:
-    """Splits per (batch, key/value head) that fill the GPU about PROGRAMS_PER_SM times."""
-    return cdiv(PROGRAMS_PER_SM * _sm_count(call.q.device), call.batch * call.kv_heads)
+    """Splits per (batch, key/value head) that fill the GPU with about PROGRAMS_PER_SM programs
+    per SM (PROGRAMS_PER_SM_FEW_PAIRS below FEW_PAIRS pairs)."""
+    pairs = call.batch * call.kv_heads
+    per_sm = PROGRAMS_PER_SM_FEW_PAIRS if pairs < FEW_PAIRS else PROGRAMS_PER_SM
+    return cdiv(per_sm * _sm_count(call.q.device), pairs)
 
 
 def splits_for(kv_len: int, cfg: DecodeConfig) -> tuple[int, int]:
