@@ -35,6 +35,19 @@ def source_location(node: fx.Node) -> str:
     return f"{os.path.basename(path)}:{line}"
 
 
+def module_path(node: fx.Node) -> str:
+    """The path of the innermost module whose forward produced ``node``, as ``named_modules``
+    spells it ("model.layers.3.self_attn"); "" for code outside any submodule."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # Dynamo's spelling of the source: L['self'].layers[3]._modules['attn'] or L['args'][0].model...
+    path = re.sub(r"^L\[[^\]]*\](\[\d+\])*\.?", "", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+
+
 def fuse_attention(
     gm: fx.GraphModule, options: Options, example_inputs: Optional[list] = None
 ) -> tuple[list[SiteRecord], list[Guard], Optional[fx.GraphModule]]:
@@ -47,23 +60,23 @@ def fuse_attention(
     records, plans = [], []
     writes = mutations.GraphWrites(gm.graph)
     for softmax, found in matcher.find_sites(gm):
-        location = source_location(softmax)
+        location, module = source_location(softmax), module_path(softmax)
         if isinstance(found, Refusal):
-            records.append(SiteRecord(location, False, str(found)))
+            records.append(SiteRecord(location, False, str(found), module=module))
             continue
         try:
             found = _lift_checked(found, softmax, writes, options, example_inputs)
             expand = rewrite.check_batch(found)
             spec = rewrite.describe(found, location)
         except Refusal as refusal:
-            records.append(SiteRecord(location, False, str(refusal)))
+            records.append(SiteRecord(location, False, str(refusal), module=module))
             continue
         reason = _policy_refusal(spec, options)
         if reason is not None:
-            records.append(SiteRecord(location, False, reason, spec))
+            records.append(SiteRecord(location, False, reason, spec, module=module))
             continue
         plans.append((found, expand))
-        records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec, options)))
+        records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec, options), module=module))
     if options.context_parallel:
         _check_context_parallel(records, [match for match, _ in plans])
     guards = [g for match, _ in plans for g in match.guards]
@@ -77,10 +90,10 @@ def fuse_attention(
     for r in records:
         if r.fused:
             counters["fusepass"]["attention_fused"] += 1
-            log.info("fused attention at %s: %s", r.location, r.spec)
+            log.info("fused attention at %s (%s): %s", r.site, r.location, r.spec)
         else:
             counters["fusepass"]["attention_rejected"] += 1
-            log.debug("not fusing attention at %s: %s", r.location, r.reason)
+            log.debug("not fusing attention at %s (%s): %s", r.site, r.location, r.reason)
     return records, guards, original
 
 

@@ -45,27 +45,42 @@ class ExplainReport:
         for s in self.sites:
             spec = s.spec
             rows.append([
-                s.location,
+                s.site,
+                s.location if s.module else "",
                 "yes" if s.fused else "no",
                 spec.layout if spec else "",
                 f"{spec.dtype} q{list(spec.q_shape)}" if spec else "",
+                _kv(spec) if spec else "",
                 format_scale(spec.scale) if spec else "",
                 (spec.mask + (f" ({spec.skipped_fraction:.0%} tiles skipped)" if spec.skipped_fraction else "")) if spec else "",
                 spec.bias if spec else "",
                 spec.gqa if spec else "",
                 (f"{spec.softcap:g}" if spec.softcap else "-") if spec else "",
                 (f"{spec.dropout_p:g}" if spec.dropout_p else "-") if spec else "",
-                s.runs_on if s.fused else s.reason,
+                s.runs_on_short if s.fused else s.reason,
             ])
-        head = ["site", "fused", "layout", "q", "scale", "mask", "bias", "gqa", "softcap", "dropout", "runs on / why not"]
+        head = ["site", "source", "fused", "layout", "q", "k/v", "scale", "mask", "bias", "gqa", "softcap", "dropout",
+                "runs on / why not"]
         table = tabulate(rows, headers=head, tablefmt="github") if rows else "(no attention found)"
         text = f"{table}\n{self.fused} of {len(self.sites)} attention sites fused in {self.graphs} graph(s)"
+        # The long form of "runs on", once per distinct text: why the reference, which family.
+        details = dict.fromkeys(s.runs_on for s in self.sites if s.fused and s.runs_on != s.runs_on_short)
+        for detail in details:
+            text += f"\nruns on {detail}"
         if self.eager_frames:
             why = "; ".join(f"{r} (x{n})" for r, n in self.dynamo_reasons.items()) or "no reason given"
             text += (f"\nwarning: Dynamo gave up on {self.eager_frames} frame(s) and ran them eagerly: attention "
                      "written directly in them is not fused and not listed above (functions they call are "
                      f"compiled on their own). Dynamo's reasons: {why}")
         return text
+
+
+def _kv(spec) -> str:
+    """k's shape, and v's where its head dim differs."""
+    text = f"k{list(spec.k_shape)}"
+    if spec.v_shape[-1] != spec.k_shape[-1]:
+        text += f" v[..., {spec.v_shape[-1]}]"
+    return text
 
 
 def explain(model_or_fn, *args: Any, options: Optional[dict] = None, **kwargs: Any) -> ExplainReport:

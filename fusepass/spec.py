@@ -52,6 +52,26 @@ class SiteRecord:
     reason: Optional[str]  # why it was not fused, or None
     spec: Optional[AttentionSpec] = None  # None when refused before it could be described
     runs_on: str = ""  # "triton, <kernel family>", or "reference (<why>)", once fused
+    module: str = ""  # the module that holds the site, e.g. "model.layers.3.self_attn" ("" at top level)
+
+    @property
+    def site(self) -> str:
+        """How explain's table names the site: its module path, else its source location."""
+        return self.module or self.location
+
+    @property
+    def runs_on_short(self) -> str:
+        """``runs_on`` in a word or two: "triton prefill", "triton decode", "triton" (the family
+        is chosen per call) or "reference" (``runs_on`` says why)."""
+        if not self.runs_on.startswith("triton"):
+            return self.runs_on.split(" (", 1)[0]
+        family = self.runs_on.split(", ", 1)[-1]
+        if "chosen per call" in family:
+            return "triton"
+        for name in ("prefill", "decode"):
+            if family.startswith(name):
+                return f"triton {name}"
+        return "triton"
 
     def __getattr__(self, name):
         # site.scale, site.mask, ... read through to the spec (None when there is none).

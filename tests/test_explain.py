@@ -72,3 +72,44 @@ def test_importing_the_report_module_keeps_explain_a_function():
     import fusepass.report  # noqa: F401  (a submodule import binds its name on the package)
 
     assert callable(fusepass.explain) and fusepass.explain is fusepass.report.explain
+
+
+class Blocks(nn.Module):
+    """Two attention sites on one source line, told apart by their modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([BiasedAttention(6), BiasedAttention(6)])
+
+    def forward(self, q, k, v):
+        for layer in self.layers:
+            q = layer(q, k, v)
+        return q
+
+
+def test_rows_name_the_module_and_show_k_v_and_where_they_run():
+    q, k = torch.randn(1, 4, 6, 4), torch.randn(1, 4, 6, 4)
+    v = torch.randn(1, 4, 6, 4)
+    report = fusepass.explain(Blocks(), q, k, v, options={"inner": "aot_eager"})
+    assert [s.module for s in report.sites] == ["layers.0", "layers.1"]
+    assert len({s.location for s in report.sites}) == 1  # the same line: only the module tells them apart
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].split("|")[1].strip() == "site" and "k/v" in lines[0]
+    assert any(ln.startswith("| layers.0 ") for ln in lines) and any(ln.startswith("| layers.1 ") for ln in lines)
+    assert "k[1, 4, 6, 4]" in text
+    # On CPU tensors the sites run on the reference: a word in the table, the reason once below it.
+    assert all(s.runs_on_short == "reference" for s in report.sites)
+    assert sum(ln.startswith("runs on reference (CPU tensors") for ln in lines) == 1
+
+
+def test_short_runs_on_names_the_family():
+    from fusepass.spec import SiteRecord
+
+    def short(runs_on):
+        return SiteRecord("x.py:1", True, None, runs_on=runs_on).runs_on_short
+
+    assert short("triton, decode family (split-KV)") == "triton decode"
+    assert short("triton, prefill family (not decode: query length 64 > 16)") == "triton prefill"
+    assert short("triton, decode family for short queries, else prefill (chosen per call)") == "triton"
+    assert short("reference (CPU tensors)") == "reference"
