@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from . import logs
 from .kernels import support
 from .graph import matcher, mutations, nodes, predicates, rewrite
 from .graph.contractions import Refusal
@@ -20,6 +21,7 @@ from .options import Options, resolve_options
 from .spec import SiteRecord
 
 log = logging.getLogger(__name__)
+logs.configure()
 
 # explain() installs a list here to collect the records of the graphs it compiles.
 _recorders: list[list[SiteRecord]] = []
@@ -46,6 +48,10 @@ def module_path(node: fx.Node) -> str:
     path = re.sub(r"^L\[[^\]]*\](\[\d+\])*\.?", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+
+
+def _where(r: SiteRecord) -> str:
+    return f"{r.module} ({r.location})" if r.module else r.location
 
 
 def fuse_attention(
@@ -90,10 +96,10 @@ def fuse_attention(
     for r in records:
         if r.fused:
             counters["fusepass"]["attention_fused"] += 1
-            log.info("fused attention at %s (%s): %s", r.site, r.location, r.spec)
+            log.info("fused attention at %s: %s", _where(r), r.spec)
         else:
             counters["fusepass"]["attention_rejected"] += 1
-            log.debug("not fusing attention at %s (%s): %s", r.site, r.location, r.reason)
+            log.debug("not fusing attention at %s: %s", _where(r), r.reason)
     return records, guards, original
 
 
