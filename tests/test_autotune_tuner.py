@@ -116,6 +116,17 @@ def test_tuning_logs_a_line_per_new_key(tmp_path, caplog):
     assert len(tuned) == 3 and all(" s: " in m and " ms" in m for m in tuned)
 
 
+def test_a_long_key_reports_progress_while_it_tunes(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(tuner_mod, "PROGRESS_EVERY_S", 0.0)  # every config is "long"
+    times = random_times(4)
+    timer = FakeTimer(times)
+    with caplog.at_level(logging.INFO, logger="fusepass.autotune.tuner"):
+        Tuner(TuneCache(tmp_path), timer).tune(make_key(), CANDS, timer.bench_fn)
+    progress = [r.getMessage() for r in caplog.records if " configs after " in r.getMessage()]
+    assert len(progress) == len(CANDS) - 1, progress  # before each config but the first
+    assert progress[0].startswith("fusepass autotune: #1 at 1/") and "best so far" in progress[0]
+
+
 def test_module_level_tune_uses_the_given_timer_and_cache(tmp_path):
     times = random_times(9)
     timer = FakeTimer(times)

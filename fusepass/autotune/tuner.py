@@ -29,6 +29,9 @@ Timer = Callable[[Runner], float]
 # of timing (compile excluded), so a 30-config space costs seconds rather than a minute.
 BENCH_WARMUP_MS = 10
 BENCH_REP_MS = 40
+# A key whose configs take long to compile and time reports how far it is at most this often
+# (a cold key can take half a minute: a progress line keeps the first compile from looking hung).
+PROGRESS_EVERY_S = 5.0
 
 
 def do_bench_median(fn: Runner) -> float:
@@ -114,7 +117,13 @@ class Tuner:
         announce("fusepass autotune: tuning %s %s over %d configs ...", label, key.describe(), len(order))
         start = time.perf_counter()
         timings: list[tuple[LaunchConfig, float]] = []
-        for cfg in order:
+        reported = start
+        for n, cfg in enumerate(order):
+            if n and time.perf_counter() - reported >= PROGRESS_EVERY_S:
+                reported = time.perf_counter()
+                best = min(timings, key=lambda t: t[1], default=None)
+                announce("fusepass autotune: %s at %d/%d configs after %.1f s%s", label, n, len(order),
+                         reported - start, f", best so far {best[0].short()} {best[1]:.3f} ms" if best else "")
             try:
                 ms = float(self.timer(bench_fn(cfg)))
             except Exception as e:  # noqa: BLE001 - a config that does not compile or run is skipped
