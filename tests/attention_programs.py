@@ -185,6 +185,15 @@ MASK_APPLIES = ("masked_fill", "where", "where_reversed", "masked_fill_",
 MASK_FILLS = ("-inf", "min", "-1e4", "-1e9")
 ADDITIVE = ("+ zeros.masked_fill", "+ full.masked_fill_", "+ (1 - keep) * fill", "+ triu(full)")
 
+def _below_fp64(s: torch.Tensor) -> bool:
+    """Whether an upcast to float32 is one: in the float64 reference run it would be a downcast,
+    and the reference would round the scores to fp32 where the program's own dtype does not
+    (scores offset by a -1e4 mask then round to 2^-10 in the reference and in eager alike, and
+    any other fp32 arithmetic, fusepass's included, looks 100x worse than eager).  Dynamo
+    specializes on the dtype, so the compiled programs still trace the cast as written."""
+    return s.dtype != torch.float64
+
+
 _NN_SOFTMAX = nn.Softmax(dim=-1)
 SOFTMAXES = {
     "F.softmax": lambda s, q: F.softmax(s, dim=-1),
@@ -192,9 +201,10 @@ SOFTMAXES = {
     "Tensor.softmax": lambda s, q: s.softmax(dim=-1),
     "nn.Softmax": lambda s, q: _NN_SOFTMAX(s),
     "dim=s.dim()-1": lambda s, q: F.softmax(s, dim=s.dim() - 1),
-    "dtype=float32 .to(q.dtype)": lambda s, q: F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype),
-    ".float() .type_as(q)": lambda s, q: F.softmax(s.float(), dim=-1).type_as(q),
-    ".float() .to(q.dtype)": lambda s, q: torch.softmax(s.float(), dim=-1).to(q.dtype),
+    "dtype=float32 .to(q.dtype)": lambda s, q: (F.softmax(s, dim=-1, dtype=torch.float32) if _below_fp64(s)
+                                               else F.softmax(s, dim=-1)).to(q.dtype),
+    ".float() .type_as(q)": lambda s, q: F.softmax(s.float() if _below_fp64(s) else s, dim=-1).type_as(q),
+    ".float() .to(q.dtype)": lambda s, q: torch.softmax(s.float() if _below_fp64(s) else s, -1).to(q.dtype),
 }
 _NN_DROPOUT_0 = nn.Dropout(0.0)
 _NN_DROPOUT_EVAL = nn.Dropout(P_EVAL_DROPOUT).eval()
