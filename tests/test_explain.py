@@ -113,3 +113,19 @@ def test_short_runs_on_names_the_family():
     assert short("triton, prefill family (not decode: query length 64 > 16)") == "triton prefill"
     assert short("triton, decode family for short queries, else prefill (chosen per call)") == "triton"
     assert short("reference (CPU tensors)") == "reference"
+
+
+def test_module_paths_are_spelled_as_named_modules_spells_them():
+    import torch.fx as fx
+
+    from fusepass.backend import module_path
+
+    graph = fx.Graph()
+    node = graph.placeholder("x")
+    for dynamo, ours in (("L['self'].layers[3]._modules['attn']", "layers.3.attn"),
+                         ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),
+                         ("L['self']", "")):
+        node.meta["nn_module_stack"] = {"outer": ("L['self']", nn.Module), "inner": (dynamo, nn.Module)}
+        assert module_path(node) == ours
+    node.meta.pop("nn_module_stack")
+    assert module_path(node) == ""
