@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+
+from spawn_util import run_ranks
 
 from fusepass.masks import predicate
 from fusepass.ops import attention as op
@@ -183,7 +183,7 @@ def _run_case(case: str, mesh, world: int) -> dict:
     }
 
 
-def _worker(rank: int, world: int, cases: list[str], init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, cases: list[str], out_dir: str, init_file: str) -> None:
     import fusepass  # noqa: F401  (registers the backend)
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -198,16 +198,7 @@ def _worker(rank: int, world: int, cases: list[str], init_file: str, out_dir: st
 
 @pytest.mark.parametrize("world, cases", [(2, ["causal", "window", "gqa"]), (4, ["causal"])])
 def test_ring_matches_one_process(world, cases, tmp_path):
-    init_file = tempfile.mktemp(dir=tmp_path)
-    ctx = mp.start_processes(_worker, args=(world, cases, init_file, str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = TIMEOUT_S
-    while not ctx.join(timeout=2):
-        deadline -= 2
-        if deadline <= 0:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s")
+    run_ranks(_worker, (world, cases, str(tmp_path)), world, tmp_path, TIMEOUT_S, f"{world} ranks")
     for case in cases:
         want = _reference(case)
         for rank in range(world):

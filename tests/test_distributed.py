@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+
+from spawn_util import run_ranks
 
 WORLD = 2
 B, N, E, H = 4, 12, 32, 4  # batch, tokens, width, heads
@@ -61,7 +61,7 @@ def _reference_grads() -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank: int, kind: str, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, kind: str, out_dir: str, init_file: str) -> None:
     from torch._dynamo.utils import counters
 
     import fusepass  # noqa: F401  (registers the backend)
@@ -109,16 +109,7 @@ def _worker(rank: int, kind: str, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "tp"])
 def test_parallel_gradients_match_one_process(kind, tmp_path):
-    init_file = tempfile.mktemp(dir=tmp_path)
-    ctx = mp.start_processes(_worker, args=(kind, init_file, str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = TIMEOUT_S
-    while not ctx.join(timeout=5):
-        deadline -= 5
-        if deadline <= 0:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{kind}: ranks did not finish in {TIMEOUT_S} s")
+    run_ranks(_worker, (kind, str(tmp_path)), WORLD, tmp_path, TIMEOUT_S, kind)
     want = _reference_grads()
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
