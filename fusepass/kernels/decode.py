@@ -81,7 +81,9 @@ def serves(call: AttentionCall) -> bool:
     M = call.q_len
     if M > MAX_QUERY_LEN or call.groups * M > MAX_PACKED_ROWS or call.dropout_p > 0:
         return False
-    return _growing(call) or call.kv_len >= MIN_KV_LEN
+    # Long caches first: they are served whatever the previous length was, without the
+    # structure key and its dict (host time a decode step pays per layer).
+    return call.kv_len >= MIN_KV_LEN or _growing(call)
 
 
 def refusal(call: AttentionCall) -> Optional[str]:
