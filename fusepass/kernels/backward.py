@@ -29,7 +29,7 @@ from fusepass.call import BackwardCall
 from . import blockmap, render
 from .heuristics import ConfigProvider, ConfigQuery, choose
 from .launcher import Launcher
-from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, natural_units, new_like,
+from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, new_like,
                             new_output, plan_key, scalar_args, seed_tensor, spec_module, strides4)
 from .spec import KernelSpec, padded_head_dim
 
@@ -151,7 +151,7 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
     # Per (batch, kv head): 1 when a row of its group has every score -inf (attn_bwd_pre).
     nan_rows = torch.zeros((B * Hkv,), dtype=torch.int32, device=q.device)
     shift = rowl2 = None
-    if natural_units(spec):
+    if spec.natural_units:
         shift = new_output((B, Hq, M), torch.float32, q.device)
         rowl2 = new_output((B, Hq, M), torch.float32, q.device)
     seed_t = seed_tensor(call.seed, q.device) if spec.dropout else None

@@ -125,13 +125,6 @@ def seed_tensor(seed, device) -> torch.Tensor | None:
     return torch.full((1,), int(seed.item()), dtype=torch.int64, device=device)
 
 
-def natural_units(spec: KernelSpec) -> bool:
-    """Whether the kernels keep scores in natural units (``nat`` in templates/_score.py.jinja):
-    with biases, which may be large finite fills.  Such variants' backward also takes the row
-    statistics of ``attn_bwd_rowstats``."""
-    return spec.n_biases > 0
-
-
 def _f32(x: float) -> float:
     """``x`` rounded to fp32 (numpy is not a dependency; struct does it without torch)."""
     return struct.unpack("f", struct.pack("f", x))[0]

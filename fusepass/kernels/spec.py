@@ -49,6 +49,16 @@ class KernelSpec:
     bias_grad: tuple[str, ...] = ()  # per bias: "" (no grad) or bias_grad_mode(); backward only
 
     @property
+    def natural_units(self) -> bool:
+        """Whether the kernels keep scores in natural units (``nat`` in
+        templates/_score.py.jinja) instead of log2 units.  With biases, which may be large
+        finite fills; and for fp32 inputs, where rounding s * LOG2E costs |s| * 1e-7 absolute
+        on every exponent (a relative error of ~3e-6 in p at unscaled scores of ~30, ten times
+        eager's), while eager's s - max is exact.  Such variants' backward also takes the row
+        statistics of ``attn_bwd_rowstats``."""
+        return self.n_biases > 0 or bool(self.precision)
+
+    @property
     def block_map(self) -> bool:
         # Tile lists from the predicate (per (b, h) when it reads b or h) and/or from the bool
         # masks (computed on the device per call): empty tiles skipped, full ones unmasked.
@@ -61,6 +71,7 @@ class KernelSpec:
             n_biases=self.n_biases,
             n_masks=self.n_masks,
             n_args=self.n_args,
+            nat=self.natural_units,
             pred=to_triton(self.expr, names) if self.expr else "",
             block_map=self.block_map,
             softcap=self.softcap,
