@@ -63,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--profile", action="store_true", help="then cProfile of --n dispatch.forward calls (tottime)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -109,6 +110,17 @@ def main() -> None:
     with torch.no_grad():
         for name, fn in rows:
             print(f"| {name} | {timed(fn, args.n, sync):.1f} |", flush=True)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.n):
+                dispatch.forward(*op_args)
+            prof.disable()
+            sync()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def test_this_triton_s_hooks_are_recognized_as_unset():
     assert launcher._unset(knobs.runtime.launch_enter_hook) and launcher._unset(knobs.runtime.launch_exit_hook)
 
 
-@pytest.mark.parametrize("change", ["misaligned pointer", "another int", "launch hook"])
+@pytest.mark.parametrize("change", ["misaligned pointer", "int 1", "int off 16", "int64", "launch hook"])
 def test_launcher_goes_through_triton_when_specialization_may_differ(runtime, change):
     jit = _Jit()
     launch = launcher.Launcher(jit, {"BLOCK": 64}, num_warps=4, num_stages=2)
@@ -156,13 +156,30 @@ def test_launcher_goes_through_triton_when_specialization_may_differ(runtime, ch
     args = [_Ptr(4096), _Ptr(8192), 16]
     if change == "misaligned pointer":
         args[0] = _Ptr(4098)  # a bf16 slice one element in: Triton specializes on 16-byte alignment
-    elif change == "another int":
+    elif change == "int 1":
         args[2] = 1  # ints equal to 1 become constants in Triton's specialization
+    elif change == "int off 16":
+        args[2] = 17  # ints divisible by 16 get the divisibility attribute
+    elif change == "int64":
+        args[2] = 2**31 + 16  # beyond int32: another argument type
     else:
         runtime.launch_enter_hook = lambda metadata: None  # a profiler's hook wants JITFunction.run
     launch((1,), *args)
     assert [entry[0] for entry in jit.log] == ["jit"]
     assert launcher.direct_launches["kernel"] == 0
+
+
+def test_launcher_stays_direct_for_values_triton_does_not_specialize_on(runtime):
+    # A decode step's cache length: a new int of the same class each step (and floats, which
+    # Triton never specializes) must not cost a JITFunction.run, and must reach the kernel.
+    jit = _Jit()
+    launch = launcher.Launcher(jit, {"BLOCK": 64}, num_warps=4, num_stages=2)
+    launch((1,), _Ptr(4096), 0.5, 4096)
+    for n, x in ((4112, 0.25), (8192, 2.0), (2**31 - 16, -1.0)):
+        launch((1,), _Ptr(4096), x, n)
+        assert jit.log[-1][0] == "direct" and jit.log[-1][1][10:12] == (x, n)
+    assert [entry[0] for entry in jit.log] == ["jit"] + ["direct"] * 3
+    assert launcher.arg_key([4097]) != launcher.arg_key([4096]) != launcher.arg_key([1])
 
 
 def test_launcher_without_the_compiled_interface_stays_on_triton(runtime):

@@ -5,8 +5,9 @@ arguments that is most of a launch's host time (measured on the H200: 34-48 µs 
 of which the compiled launcher itself is a few).  A :class:`Launcher` belongs to one launch
 plan, whose argument types are fixed by the plan's call signature.  It remembers Triton's
 compiled kernel by what Triton's specialization reads from the values that can change between
-calls (whether each pointer is 16-byte aligned; the ints and floats themselves), and on a hit
-calls the compiled kernel's launcher directly, as ``JITFunction.run`` ends by doing.
+calls (whether each pointer is 16-byte aligned, the classes of ints Triton specializes on:
+see ``arg_key``), and on a hit calls the compiled kernel's launcher directly, as
+``JITFunction.run`` ends by doing.
 
 Anything this module does not recognize goes through ``JITFunction.run`` unchanged: the
 interpreter, a Triton without the launcher interface (feature-tested once), launch hooks set
@@ -27,8 +28,7 @@ log = logging.getLogger(__name__)
 # path really ran.
 direct_launches: collections.Counter = collections.Counter()
 
-_SCALARS = (int, float, bool, type(None))
-_MAX_KERNELS = 256  # per launcher; dynamic lengths make a new key per length
+_MAX_KERNELS = 256  # per launcher
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,10 +70,21 @@ def _trailing_values(fn, n_positional: int, consts: dict) -> Optional[tuple]:
     return tuple(values)
 
 
+_I32_MIN, _I32_MAX, _I64_MAX = -(2**31), 2**31 - 1, 2**63 - 1
+
+
 def arg_key(args) -> tuple:
-    """What Triton's specialization reads from per-call values: scalars by value, pointers by
-    16-byte alignment (their dtypes are fixed by the plan that owns the launcher)."""
-    return tuple([a if a.__class__ in _SCALARS else a.data_ptr() % 16 == 0 for a in args])
+    """What Triton's specialization reads from per-call values, and no more: pointers by 16-byte
+    alignment (their dtypes are fixed by the plan that owns the launcher); ints by whether they
+    are 1, divisible by 16, and fit int32 / int64 (Triton's type and its two specializations);
+    floats not at all (always fp32, never specialized); bools and None by value.  A cache length
+    that grows by one key per decode step then keeps hitting the same compiled kernel instead of
+    a new key (and a JITFunction.run) per length."""
+    return tuple([
+        ((a == 1) + 2 * (a % 16 == 0) + 4 * (a < _I32_MIN or a > _I32_MAX) + 8 * (a > _I64_MAX))
+        if a.__class__ is int else
+        ("f" if a.__class__ is float else (a if a is None or a.__class__ is bool else a.data_ptr() % 16 == 0))
+        for a in args])
 
 
 class Launcher:
