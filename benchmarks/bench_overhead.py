@@ -82,11 +82,11 @@ def direct_launch(q, k, v):
     plan = forward._make_plan(call, None, None)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    args = (q, k, v, out, lse, None, *plan.map_args, *extra_args((), (), ()), *plan.tail)
+    args = (q, k, v, out, lse, None, *plan.map_args, *extra_args((), (), ()))
     launch = Launcher(plan.kernel, plan.consts, plan.cfg.num_warps, plan.cfg.num_stages)
 
     def run():
-        launch(plan.grid, *args)
+        launch(plan.grid, *args, tail=plan.tail)  # as kernels/forward.py launches
         return out
 
     return run

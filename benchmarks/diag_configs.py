@@ -5,6 +5,7 @@ configs go wrong, and in which rows.
     PYTHONPATH=$PWD python benchmarks/diag_configs.py SEED [SEED ...]   # seeds of benchmarks/fuzz_gpu.py
 """
 import dataclasses
+import os
 import sys
 
 import torch
@@ -19,6 +20,9 @@ from fusepass.ops import dispatch, reference  # noqa: E402
 
 CONFIGS = [(bm, bn, w, st) for bm, bn in ((16, 16), (32, 32), (64, 16), (64, 32), (64, 64), (128, 32))
            for w, st in ((4, 1), (4, 2), (4, 3), (8, 2))]
+if os.environ.get("DIAG_CONFIGS"):  # e.g. "64x32w4s2,64x64w4s1"
+    CONFIGS = [tuple(int(x) for x in c.replace("x", " ").replace("w", " ").replace("s", " ").split())
+               for c in os.environ["DIAG_CONFIGS"].split(",")]
 
 
 def captured(seed: int):

@@ -95,7 +95,7 @@ def main() -> None:
             ("plan lookup (plan_key + get)",
              lambda: forward._plans.get(launch_common.plan_key(call, call.signature, None, None), lambda: None)),
             ("Launcher, arguments prepared",
-             lambda: launch(p.grid, q, q, q, out, lse, None, *p.map_args, *p.tail)),
+             lambda: launch(p.grid, q, q, q, out, lse, None, *p.map_args, tail=p.tail)),
             ("kernels.forward.attention_forward", lambda: forward.attention_forward(call)),
             ("dispatch.forward", lambda: dispatch.forward(*op_args)),
             ("op attention_inference", lambda: torch.ops.fusepass.attention_inference.default(*op_args)),

@@ -182,6 +182,18 @@ def test_launcher_stays_direct_for_values_triton_does_not_specialize_on(runtime)
     assert launcher.arg_key([4097]) != launcher.arg_key([4096]) != launcher.arg_key([1])
 
 
+def test_a_fixed_tail_is_keyed_once_and_still_checked_when_it_changes(runtime):
+    jit = _Jit()
+    launch = launcher.Launcher(jit, {"BLOCK": 64}, num_warps=4, num_stages=2)
+    tail = (16,)
+    launch((1,), _Ptr(4096), _Ptr(8192), tail=tail)
+    launch((1,), _Ptr(4096), _Ptr(8192), tail=tail)
+    assert [entry[0] for entry in jit.log] == ["jit", "direct"]
+    assert jit.log[-1][1][9:] == (jit.log[-1][1][9], jit.log[-1][1][10], 16, 64, 3)
+    launch((1,), _Ptr(4096), _Ptr(8192), tail=(1,))  # another tail object, another class: Triton
+    assert jit.log[-1][0] == "jit" and jit.log[-1][2][2] == 1
+
+
 def test_launcher_without_the_compiled_interface_stays_on_triton(runtime):
     jit = _Jit(compiled=False)
     launch = launcher.Launcher(jit, {"BLOCK": 64}, num_warps=4, num_stages=2)

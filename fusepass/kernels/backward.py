@@ -47,7 +47,7 @@ class _Plan:
     spec: KernelSpec
     cfg: BackwardConfig  # fitted per kernel once its first launch ran (see ``fitted``)
     mod: object  # the rendered module
-    tail: list  # sizes and scalars common to every kernel
+    tail: tuple  # sizes and scalars common to every kernel (fixed: the launchers key it once)
     by_col: Optional[list]  # dK/dV block-map arguments; None: read from the masks per call
     by_row: Optional[list]  # dQ's
     interpret: bool
@@ -90,7 +90,7 @@ def _make_plan(bcall: BackwardCall, config: Optional[BackwardConfig], config_for
                                          cfg.BLOCK_OWN, q.device, by="col").kernel_args()
             by_row = blockmap.call_lists(call.mask_expr, call.mask_args, (), B, Hq, M, N, cfg.BLOCK_OWN,
                                          cfg.BLOCK_STEP, q.device, by="row").kernel_args()
-    tail = [Hq, call.groups, M, N, *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)]
+    tail = (Hq, call.groups, M, N, *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N))
     interpret = q.device.type != "cuda"
     pre_consts = dict(HEAD_DIM_V=call.v_head_dim, HEAD_DIM_V_P=padded_head_dim(call.v_head_dim), BLOCK_M=_PRE_BLOCK_M)
     return _Plan(spec, cfg, kernel_module(spec, interpret), tail, by_col, by_row, interpret, head_dims(spec),
@@ -163,7 +163,7 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
 
     def launch(name: str, grid_of, args_of) -> None:
         def run(c: BackwardConfig) -> None:
-            plan.launcher(name, c)(grid_of(c), *args_of(c), *tail)
+            plan.launcher(name, c)(grid_of(c), *args_of(c), tail=tail)
         launches[name.removeprefix("attn_bwd_")] += 1
         fitted = plan.fitted.get(name)
         if fitted is not None:

@@ -46,7 +46,7 @@ class _Plan:
     cfg: ForwardConfig  # the fitted config once the first launch ran
     kernel: object  # the rendered module's attn_fwd (a triton.JITFunction)
     grid: tuple[int, int]
-    tail: list  # strides, sizes and scalars after the tensor arguments
+    tail: tuple  # strides, sizes and scalars after the tensor arguments (fixed: the launcher keys it once)
     consts: dict  # constexpr keyword arguments
     map_args: Optional[list]  # None: read from the masks per call
     interpret: bool
@@ -80,8 +80,8 @@ def _make_plan(call: AttentionCall, config: Optional[ForwardConfig], config_for:
     # The output is allocated contiguous: its strides are known now.
     Dv = call.v_head_dim
     out_strides = (Hq * M * Dv, M * Dv, Dv, 1)
-    tail = [*q.stride(), *k.stride(), *v.stride(), *out_strides, Hq, call.groups, M, N,
-            *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)]
+    tail = (*q.stride(), *k.stride(), *v.stride(), *out_strides, Hq, call.groups, M, N,
+            *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N))
     consts = dict(head_dims(spec), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
     return _Plan(spec, cfg, kernel_module(spec, interpret).attn_fwd, grid(M, B, Hq, cfg), tail, consts,
                  map_args, interpret)
@@ -118,11 +118,11 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
 
     launches["fwd"] += 1
     if plan.fitted and not plan.interpret:  # the hot path: one lookup and the launch
-        plan.launcher(plan.cfg)(plan.grid, q, call.k, v, out, lse, seed, *map_args, *extras, *plan.tail)
+        plan.launcher(plan.cfg)(plan.grid, q, call.k, v, out, lse, seed, *map_args, *extras, tail=plan.tail)
         return out, lse
 
     def launch(cfg: ForwardConfig) -> None:
-        plan.launcher(cfg)(plan.grid, q, call.k, v, out, lse, seed, *map_args, *extras, *plan.tail)
+        plan.launcher(cfg)(plan.grid, q, call.k, v, out, lse, seed, *map_args, *extras, tail=plan.tail)
 
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
         if plan.fitted:

@@ -20,7 +20,7 @@ import collections
 import functools
 import inspect
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +100,30 @@ class Launcher:
         self._direct = direct and _runtime() is not None
         self._trailing: Optional[tuple] = None
         self._kernels: dict = {}
+        self._tail: Any = None  # the last fixed tail and its arg_key
+        self._tail_key: tuple = ()
 
-    def __call__(self, grid: tuple, *args) -> None:
+    def __call__(self, grid: tuple, *args, tail: Sequence = ()) -> None:
+        """Launch on ``args`` then ``tail``: the same argument list either way, but a ``tail``
+        passed again as the same object (a plan's fixed strides and scalars) is keyed once."""
         if self._direct:
             runtime, current_device, current_stream = _runtime()
             if _unset(runtime.launch_enter_hook) and _unset(runtime.launch_exit_hook):
                 device = current_device()
-                key = (device, arg_key(args))
+                if tail is not self._tail:
+                    self._tail, self._tail_key = tail, arg_key(tail)
+                key = (device, arg_key(args), self._tail_key)
                 hit = self._kernels.get(key)
                 if hit is not None:
                     run, function, metadata = hit
                     g = (*grid, 1, 1)
                     run(g[0], g[1], g[2], current_stream(device), function, metadata, None, None, None,
-                        *args, *self._trailing)
+                        *args, *tail, *self._trailing)
                     direct_launches[self.name] += 1
                     return
-                self._remember(key, self.fn[grid](*args, **self.consts, **self.options), len(args))
+                self._remember(key, self.fn[grid](*args, *tail, **self.consts, **self.options), len(args) + len(tail))
                 return
-        self.fn[grid](*args, **self.consts, **self.options)
+        self.fn[grid](*args, *tail, **self.consts, **self.options)
 
     def _remember(self, key: tuple, kernel: Any, n_args: int) -> None:
         """Keep the compiled kernel ``JITFunction.run`` returned, if it has the launcher interface."""
