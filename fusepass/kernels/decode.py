@@ -146,6 +146,7 @@ class _Plan:
     interpret: bool
     launch_split: Launcher
     launch_combine: Launcher
+    scalars: tuple  # the kernels' scalar tail when it does not depend on the key length, else ()
 
 
 _plans = PlanCache()
@@ -163,9 +164,12 @@ def _make_plan(call: AttentionCall, config: Optional[DecodeConfig]) -> _Plan:
     block_m = max(16, next_pow2(packed_rows(call)))
     consts = dict(head_dims(spec), BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N)
     split, combine = mod.attn_decode_split, mod.attn_decode_combine
+    # Only a finite fill's lse (fill + log N) reads the key length.
+    scalars = () if spec.finite_fill else tuple(scalar_args(spec, call.scale, call.softcap, call.dropout_p,
+                                                                call.mask_fill, call.kv_len))
     return _Plan(spec, cfg, split, combine, block_m, consts, interpret,
                  Launcher(split, consts, cfg.num_warps, cfg.num_stages, direct=not interpret),
-                 Launcher(combine, consts, cfg.num_warps, 1, direct=not interpret))
+                 Launcher(combine, consts, cfg.num_warps, 1, direct=not interpret), scalars)
 
 
 def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None) -> tuple[Tensor, Tensor]:
@@ -178,14 +182,15 @@ def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None
     splits, per_split = splits_for(N, cfg)
     out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
-    acc = torch.empty((B * Hkv, splits, plan.block_m, plan.consts["HEAD_DIM_V_P"]), dtype=torch.float32,
-                      device=q.device)
-    stats = torch.empty((B * Hkv, splits, 2, plan.block_m), dtype=torch.float32, device=q.device)
+    # The splits' partial results in one allocation (host time per decode step): accumulators
+    # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
+    parts = torch.empty(B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), dtype=torch.float32,
+                        device=q.device)
     extras = extra_args(call.biases, call.masks, call.mask_args)
-    tail = [*q.stride(), *k.stride(), *v.stride(), Hq, call.groups, M, N, Hkv, splits,
-            *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)]
+    scalars = plan.scalars or scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)
+    tail = (*q.stride(), *k.stride(), *v.stride(), Hq, call.groups, M, N, Hkv, splits, *scalars)
     launches["decode"] += 1
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
-        plan.launch_split((splits, B * Hkv), q, k, v, acc, stats, per_split, *extras, *tail)
-        plan.launch_combine((B * Hkv,), q, k, v, out, lse, acc, stats, *out.stride(), *extras, *tail)
+        plan.launch_split((splits, B * Hkv), q, k, v, parts, per_split, *extras, *tail)
+        plan.launch_combine((B * Hkv,), q, k, v, out, lse, parts, *out.stride(), *extras, *tail)
     return out, lse
