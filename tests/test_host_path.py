@@ -223,3 +223,63 @@ def test_decode_fast_check_agrees_with_the_explained_rule():
         serves = decode.serves(call)
         decode._last_kv_len.clear()
         assert serves == (decode.refusal(call) is None), (M, Hq, Hkv, N)
+
+
+# --- runners: a call's launch bound to its signature (ops/dispatch.py) ----------------------
+
+
+def _op_args(q, k, v, seed=None, run=""):
+    return (q, k, v, [], [], seed, 0.125, 0.0, 0.0, float("-inf"), "", [], run)
+
+
+def test_runner_key_tells_apart_everything_validation_and_the_path_read():
+    from fusepass.ops.dispatch import runner_key
+
+    q = torch.randn(1, 2, 8, 16)
+    base = runner_key(*_op_args(q, q, q))
+    assert runner_key(*_op_args(q.clone(), q.clone(), q.clone())) == base  # same signature, other tensors
+    others = [
+        _op_args(q.transpose(2, 3).contiguous().transpose(2, 3), q, q),  # strides
+        _op_args(q, q.double(), q),  # a dtype the validation refuses
+        _op_args(q, q, q[:, :, :4]),  # shapes
+        _op_args(q, q, q, seed=torch.tensor(3)),
+        _op_args(q, q, q, seed=torch.tensor(3.0)),  # a float seed the validation refuses
+        _op_args(q, q, q, run="autotune=0"),
+    ]
+    keys = [runner_key(*a) for a in others]
+    assert base not in keys and len(set(keys)) == len(keys)
+
+
+def test_a_runner_is_bound_on_a_signature_s_second_call_and_then_serves_it(monkeypatch):
+    # CPU tensors never take runners (the interpreter plans per call); here the binding logic
+    # runs with the CUDA check and the runner factory stood in for.
+    from fusepass.ops import dispatch
+
+    class Cuda(torch.Tensor):
+        is_cuda = True
+
+    bound, served = [], []
+
+    def runner_for(call):
+        bound.append(call)
+
+        def run(q, k, v, biases, masks, seed):
+            served.append(q)
+            return dispatch.run_forward(dispatch.forward_call(q, k, v, biases, masks, seed, 0.125, 0.0, 0.0,
+                                                              float("-inf"), "", []))
+        return run
+
+    monkeypatch.setattr(dispatch, "_runner_for", runner_for)
+    monkeypatch.setattr(dispatch, "_runners", {})
+    q = torch.randn(1, 2, 8, 16).as_subclass(Cuda)
+    for _ in range(4):
+        dispatch.forward(*_op_args(q, q, q))
+    assert len(bound) == 1 and len(served) == 2  # call 1 marks, call 2 binds, calls 3 and 4 are served
+    k = torch.randn(1, 2, 9, 16).as_subclass(Cuda)  # a growing cache: a new key per step binds nothing
+    dispatch.forward(*_op_args(q, k, k))
+    assert len(bound) == 1
+    monkeypatch.setattr(dispatch, "_runner_for", lambda call: None)  # no runner possible: asked once
+    r = torch.randn(1, 2, 5, 16).as_subclass(Cuda)
+    for _ in range(3):
+        dispatch.forward(*_op_args(r, r, r))
+    assert dispatch._runners[dispatch.runner_key(*_op_args(r, r, r))] is dispatch._UNBOUND

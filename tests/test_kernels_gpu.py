@@ -153,3 +153,32 @@ def test_repeated_backwards_launch_directly_and_match_the_first():
             assert launcher.direct_launches[n] == before[n] + 1, n
         for a, b in zip(first[:3], again[:3]):
             assert torch.equal(a, b)
+
+
+def test_runners_serve_repeated_calls_with_the_first_call_s_results():
+    """A signature's second call binds a runner (ops/dispatch.py); later calls take it and give
+    the same outputs as the full path, for both families; another signature is planned anew."""
+    from fusepass.kernels import launch_common
+    from fusepass.ops import dispatch
+
+    dev, dt = "cuda", torch.bfloat16
+    cases = [
+        (torch.randn(2, 8, 300, 64, device=dev, dtype=dt), torch.randn(2, 2, 300, 64, device=dev, dtype=dt), CAUSAL),
+        (torch.randn(2, 8, 1, 128, device=dev, dtype=dt), torch.randn(2, 2, 5000, 128, device=dev, dtype=dt), ""),
+    ]
+    for q, k, expr in cases:
+        v = torch.randn_like(k)
+        args = (q, k, v, [], [], None, 0.125, 0.0, 0.0, -math.inf, expr, [])
+        first = dispatch.forward(*args)
+        before = launch_common.forward_launches()
+        for _ in range(3):
+            out, lse = dispatch.forward(*args)
+            assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
+        assert launch_common.forward_launches() == before + 3
+        assert callable(dispatch._runners[dispatch.runner_key(*args)])
+        ref = _float64_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), 0.125, causal=bool(expr))
+        assert _rel(out, ref) < 1e-2
+        # Same shapes, other strides: not this runner's signature, and right.
+        qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+        out2, _ = dispatch.forward(qt, *args[1:])
+        assert _rel(out2, ref) < 1e-2

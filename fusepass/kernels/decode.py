@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -175,22 +175,41 @@ def _make_plan(call: AttentionCall, config: Optional[DecodeConfig]) -> _Plan:
 def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32: the op's semantics, as the prefill
     kernel computes them (``refusal(call)`` must be None)."""
+    plan = _plans.get(plan_key(call, call.structure, config), lambda: _make_plan(call, config))
+    return _bound(call, plan)(call.q, call.k, call.v, call.biases, call.masks, call.seed)
+
+
+def runner(call: AttentionCall) -> Optional[Callable]:
+    """A function of (q, k, v, biases, masks, seed) for later calls of ``call``'s signature:
+    the split count, strides and scalars bound once (see kernels/forward.runner)."""
+    plan = _plans.get(plan_key(call, call.structure, None), lambda: _make_plan(call, None))
+    return None if plan.interpret else _bound(call, plan)
+
+
+def _bound(call: AttentionCall, plan: _Plan) -> Callable:
     q, k, v = call.q, call.k, call.v
     B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
-    plan = _plans.get(plan_key(call, call.structure, config), lambda: _make_plan(call, config))
     cfg, spec = plan.cfg, plan.spec
     splits, per_split = splits_for(N, cfg)
-    out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
-    lse = new_output((B, Hq, M), torch.float32, q.device)
-    # The splits' partial results in one allocation (host time per decode step): accumulators
-    # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
-    parts = torch.empty(B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), dtype=torch.float32,
-                        device=q.device)
-    extras = extra_args(call.biases, call.masks, call.mask_args)
     scalars = plan.scalars or scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)
     tail = (*q.stride(), *k.stride(), *v.stride(), Hq, call.groups, M, N, Hkv, splits, *scalars)
-    launches["decode"] += 1
-    with render.interpreting() if plan.interpret else contextlib.nullcontext():
-        plan.launch_split((splits, B * Hkv), q, k, v, parts, per_split, *extras, *tail)
-        plan.launch_combine((B * Hkv,), q, k, v, out, lse, parts, *out.stride(), *extras, *tail)
-    return out, lse
+    Dv = call.v_head_dim
+    out_shape, out_strides, lse_shape = (B, Hq, M, Dv), (Hq * M * Dv, M * Dv, Dv, 1), (B, Hq, M)
+    # The splits' partial results in one allocation (host time per decode step): accumulators
+    # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
+    parts_numel = B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2)
+    dtype, device, mask_args = v.dtype, q.device, call.mask_args
+    split_grid, combine_grid = (splits, B * Hkv), (B * Hkv,)
+
+    def run(q, k, v, biases, masks, seed):
+        out = new_output(out_shape, dtype, device)
+        lse = new_output(lse_shape, torch.float32, device)
+        parts = torch.empty(parts_numel, dtype=torch.float32, device=device)
+        extras = extra_args(biases, masks, mask_args) if biases or masks or mask_args else ()
+        launches["decode"] += 1
+        with render.interpreting() if plan.interpret else contextlib.nullcontext():
+            plan.launch_split(split_grid, q, k, v, parts, per_split, *extras, tail=tail)
+            plan.launch_combine(combine_grid, q, k, v, out, lse, parts, *out_strides, *extras, tail=tail)
+        return out, lse
+
+    return run

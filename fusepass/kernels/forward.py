@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -130,3 +130,28 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
         else:
             plan.cfg, plan.fitted = launch_fitting(("fwd", plan.spec), plan.cfg, launch), True
     return out, lse
+
+
+def runner(call: AttentionCall, config_for: Optional[ConfigProvider] = None) -> Optional[Callable]:
+    """What a later call of ``call``'s signature needs beyond its tensors, bound once: a function
+    of (q, k, v, biases, masks, seed) that allocates the outputs and launches.  None when such a
+    call needs more per call (bool masks: their block map; the interpreter; no launch yet)."""
+    if call.empty:
+        return None
+    plan = _plans.get(plan_key(call, call.signature, None, config_for), lambda: _make_plan(call, None, config_for))
+    if not plan.fitted or plan.interpret or plan.map_args is None:
+        return None
+    q, v = call.q, call.v
+    out_shape, lse_shape = (call.batch, call.q_heads, call.q_len, call.v_head_dim), (call.batch, call.q_heads, call.q_len)
+    dtype, device, mask_args, dropout = v.dtype, q.device, call.mask_args, plan.spec.dropout
+    launch, grid, map_args, tail = plan.launcher(plan.cfg), plan.grid, plan.map_args, plan.tail
+
+    def run(q, k, v, biases, masks, seed):
+        out = new_output(out_shape, dtype, device)
+        lse = new_output(lse_shape, torch.float32, device)
+        extras = extra_args(biases, masks, mask_args) if biases or masks or mask_args else ()
+        launches["fwd"] += 1
+        launch(grid, q, k, v, out, lse, seed_tensor(seed, device) if dropout else None, *map_args, *extras, tail=tail)
+        return out, lse
+
+    return run

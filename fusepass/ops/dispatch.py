@@ -3,7 +3,11 @@ autotuner gives them) or the PyTorch reference.  The one wiring point of the run
 kernels know nothing of the tuner.
 
 The op's arguments become one validated :class:`fusepass.call.AttentionCall` here, so bad
-input gets a clear error whatever then runs.
+input gets a clear error whatever then runs.  A CUDA call whose whole path follows from its
+signature then leaves a *runner* (the kernels' launch with everything but the tensors bound):
+a later call with the same signature, found by a key read straight from the op's arguments,
+allocates and launches without building the call again (host time a decode step pays per
+layer; docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 
 from fusepass.autotune import provider as tuning  # the one place launches meet the tuner
 from fusepass.call import AttentionCall, BackwardCall
-from fusepass.kernels import decode, support
+from fusepass.kernels import decode, forward as prefill, support
+from fusepass.kernels.support import fp32_dot_precision
 from fusepass.options import RunOptions
 
 log = logging.getLogger(__name__)
@@ -63,9 +68,7 @@ def run_forward(call: AttentionCall):
     if kernel_reason(call) is None:
         if decode.serves(call):  # short queries, long keys: the split-KV family
             return decode.attention_forward(call)
-        from fusepass.kernels.forward import attention_forward
-
-        return attention_forward(call, config_for=tuning.kernel_config_provider)
+        return prefill.attention_forward(call, config_for=tuning.kernel_config_provider)
     from . import reference
 
     return reference.attention_forward(call)
@@ -84,13 +87,56 @@ def run_backward(call: BackwardCall):
     return dq, dk, dv, [g.contiguous() for g in dbiases]
 
 
+# Runners by runner_key; _SEEN marks a key seen once (a runner is bound on its second call, so a
+# cache that grows by one key per step binds nothing), _UNBOUND one that cannot have a runner.
+# Bounded: dynamic lengths make a new key per length.
+_RUNNERS_MAX = 1024
+_SEEN, _UNBOUND = object(), object()
+_runners: dict = {}
+
+
+def runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run) -> tuple:
+    """Everything a call's validation and path depend on, read from the op's arguments as they
+    come (AttentionCall.signature's content, and the TF32 setting an fp32 plan reads)."""
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device,
+            tuple([(t.shape, t.stride(), t.dtype, t.device) for t in biases]) if biases else (),
+            tuple([(t.shape, t.stride(), t.dtype, t.device) for t in masks]) if masks else (),
+            None if seed is None else (seed.shape, seed.dtype),
+            scale, softcap, dropout_p, mask_fill, mask_expr, tuple(mask_args), run,
+            fp32_dot_precision() if q.dtype == torch.float32 else None)
+
+
+def _runner_for(call: AttentionCall):
+    """The call's launch bound to its signature, or None when a later call may run otherwise
+    (the reference, a ring) or needs per-call work (bool masks' block maps).  The family is the
+    one this call ran: for a signature seen before, a short cache that is not growing runs the
+    prefill kernel (decode.serves), and either family computes the op exactly."""
+    if call.run.context_parallel or kernel_reason(call) is not None:
+        return None
+    if decode.serves(call):
+        return decode.runner(call)
+    return prefill.runner(call, tuning.kernel_config_provider)
+
+
 def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run=""):
+    key = found = None
+    if q.is_cuda:
+        key = runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
+        found = _runners.get(key)
+        if found is not None and found is not _SEEN and found is not _UNBOUND:
+            return found(q, k, v, biases, masks, seed)
     call = forward_call(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
     if call.run.context_parallel:  # a ring over the sequence's ranks, each chunk pair run as any call
         from fusepass.parallel import ring
 
         return ring.forward(call, run_forward)
-    return run_forward(call)
+    result = run_forward(call)
+    if key is not None and found is not _UNBOUND:
+        if len(_runners) >= _RUNNERS_MAX:
+            _runners.clear()
+        _runners[key] = (_runner_for(call) or _UNBOUND) if found is _SEEN else _SEEN
+    return result
 
 
 def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
