@@ -126,6 +126,31 @@ def test_fp32_follows_tf32_setting(tf32):
         assert KernelSpec.for_call(forward_call(q, q, q, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])).precision == ("tf32" if tf32 else "ieee")
 
 
+def test_fp32_scores_are_summed_in_fp64_and_rounded_once():
+    """Unscaled fp32 scores near 30 (scale 1, D = 128): summed in fp32 along D the score is off
+    by ~1e-5 and so is every exponent (lse off by 1.6e-5, six ulps, on this interpreter); summed
+    in fp64 and rounded once, lse is within an ulp of float64's and the gradients follow."""
+    from fusepass.kernels.backward import attention_backward
+    from fusepass.kernels.forward import attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 33, 128, generator=g) for _ in range(4))
+    with _cuda_fp32_matmul(False, _preferred_api()):
+        call = forward_call(q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])
+        out, lse = attention_forward(call)
+        grads = attention_backward(backward_call(do, q, k, v, out, lse, [], [], None, 1.0, 0.0, 0.0, -math.inf, "",
+                                                 [], []))[:3]
+    s = q.double() @ k.double().transpose(-1, -2)
+    assert s.abs().max() > 25
+    lse64 = torch.logsumexp(s, -1)
+    assert (lse.double() - lse64).abs().max() <= torch.finfo(torch.float32).eps * lse64.abs().max()
+    assert (out.double() - torch.softmax(s, -1) @ v.double()).abs().max() < 2e-6
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    (torch.softmax(q64 @ k64.transpose(-1, -2), -1) @ v64).backward(do.double())
+    for got, want in zip(grads, (q64.grad, k64.grad, v64.grad)):
+        assert (got.double() - want).abs().max() < 5e-5  # |dq| reaches ~30 here: 2e-6 relative
+
+
 def _dropout_out(p, N=64, seed=99):
     """q = 0 makes p uniform (1/N); V = identity makes out[i, j] = keep_ij / (N (1 - p))."""
     from fusepass.kernels.forward import attention_forward

@@ -150,10 +150,10 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
     delta = new_output((B, Hq, M), torch.float32, q.device)
     # Per (batch, kv head): 1 when a row of its group has every score -inf (attn_bwd_pre).
     nan_rows = torch.zeros((B * Hkv,), dtype=torch.int32, device=q.device)
-    shift = rowl2 = None
+    shift = rinv = None
     if spec.natural_units:
         shift = new_output((B, Hq, M), torch.float32, q.device)
-        rowl2 = new_output((B, Hq, M), torch.float32, q.device)
+        rinv = new_output((B, Hq, M), torch.float32, q.device)
     seed_t = seed_tensor(call.seed, q.device) if spec.dropout else None
     extras = extra_args(call.biases, call.masks, call.mask_args)
     by_col, by_row = plan.by_col, plan.by_row
@@ -178,12 +178,12 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
             # Tiles shaped like attn_bwd_dq's (which fit whenever dq's do); only query tiles
             # holding a row with a coarse lse loop over the keys.
             launch("attn_bwd_rowstats", lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq), lambda c: (
-                q, k, lse, shift, rowl2, *extras, *q.stride(), *k.stride()))
+                q, k, lse, shift, rinv, *extras, *q.stride(), *k.stride()))
         launch("attn_bwd_dkdv", lambda c: (cdiv(N, c.BLOCK_OWN), B * Hkv), lambda c: (
-            q, k, v, grad_out, lse, delta, shift, rowl2, nan_rows, dk, dv, seed_t, *by_col, *extras, *db_args,
+            q, k, v, grad_out, lse, delta, shift, rinv, nan_rows, dk, dv, seed_t, *by_col, *extras, *db_args,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride()))
         launch("attn_bwd_dq", lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq), lambda c: (
-            q, k, v, grad_out, lse, delta, shift, rowl2, dq, seed_t, *by_row, *extras,
+            q, k, v, grad_out, lse, delta, shift, rinv, dq, seed_t, *by_row, *extras,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride()))
     for i, dtype in finish:
         dbiases[i] = dbiases[i].to(dtype)

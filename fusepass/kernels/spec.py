@@ -72,6 +72,8 @@ class KernelSpec:
             n_masks=self.n_masks,
             n_args=self.n_args,
             nat=self.natural_units,
+            exact_rows=bool(self.precision),  # fp32: the backward recomputes every row's statistics
+            score_f64=self.precision == "ieee",  # fp32 held to eager's rounding: q.k summed in fp64
             pred=to_triton(self.expr, names) if self.expr else "",
             block_map=self.block_map,
             softcap=self.softcap,
