@@ -175,7 +175,7 @@ def test_runners_serve_repeated_calls_with_the_first_call_s_results():
             out, lse = dispatch.forward(*args)
             assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
         assert launch_common.forward_launches() == before + 3
-        assert callable(dispatch._runners[dispatch.runner_key(*args)])
+        assert callable(dispatch._runners[dispatch.runner_key(*args, "")])  # run: the op's default
         ref = _float64_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), 0.125, causal=bool(expr))
         assert _rel(out, ref) < 1e-2
         # Same shapes, other strides: not this runner's signature, and right.
