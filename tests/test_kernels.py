@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from fusepass.autotune.config import BackwardConfig, ForwardConfig  # noqa: E402
 from fusepass.kernels import blockmap, launch_common, render  # noqa: E402
 from fusepass.kernels.predicate_triton import to_triton  # noqa: E402
 from fusepass.ops.dispatch import backward_call, forward_call  # noqa: E402
@@ -149,6 +150,28 @@ def test_fp32_scores_are_summed_in_fp64_and_rounded_once():
     (torch.softmax(q64 @ k64.transpose(-1, -2), -1) @ v64).backward(do.double())
     for got, want in zip(grads, (q64.grad, k64.grad, v64.grad)):
         assert (got.double() - want).abs().max() < 5e-5  # |dq| reaches ~30 here: 2e-6 relative
+
+
+def test_fp32_gradients_are_summed_over_tiles_with_compensation():
+    """One key, so dV is the sum of dO over the query rows, tile after tile: a first tile
+    summing to 1e4 and 128 tiles of 3.2 each.  Added into one fp32 running sum, each of the
+    128 additions rounds at 1e4's ulp (9.8e-4): 0.024 off on this interpreter.  With Kahan's
+    compensation the sum is within an ulp of the exact one."""
+    from fusepass.kernels.backward import attention_backward
+    from fusepass.kernels.forward import attention_forward
+
+    M = 32 * 129
+    q, k, v = torch.randn(1, 1, M, 16), torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    do = torch.full((1, 1, M, 16), 0.1)
+    do[:, :, :32] = 0.0
+    do[:, :, 0] = 1e4
+    with _cuda_fp32_matmul(False, _preferred_api()):
+        call = forward_call(q, k, v, [], [], None, 0.25, 0.0, 0.0, -math.inf, "", [])
+        out, lse = attention_forward(call, config=ForwardConfig(32, 32, 4, 1))
+        dv = attention_backward(backward_call(do, q, k, v, out, lse, [], [], None, 0.25, 0.0, 0.0, -math.inf, "",
+                                              [], []), config=BackwardConfig(32, 32, 4, 1))[2]
+    exact = do.double().sum(2, keepdim=True)
+    assert (dv.double() - exact).abs().max() <= torch.finfo(torch.float32).eps * exact.abs().max()
 
 
 def _dropout_out(p, N=64, seed=99):

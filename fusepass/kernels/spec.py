@@ -74,6 +74,7 @@ class KernelSpec:
             nat=self.natural_units,
             exact_rows=bool(self.precision),  # fp32: the backward recomputes every row's statistics
             score_f64=self.precision == "ieee",  # fp32 held to eager's rounding: q.k summed in fp64
+            compensate=self.precision == "ieee",  # ... and gradients summed tile by tile with Kahan's compensation
             pred=to_triton(self.expr, names) if self.expr else "",
             block_map=self.block_map,
             softcap=self.softcap,
