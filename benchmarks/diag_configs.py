@@ -4,19 +4,17 @@ configs go wrong, and in which rows.
 
     PYTHONPATH=$PWD python benchmarks/diag_configs.py SEED [SEED ...]   # seeds of benchmarks/fuzz_gpu.py
 """
-import dataclasses
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, "tests"); sys.path.insert(0, "benchmarks")
-import attention_programs as ap  # noqa: E402
-from fuzz_gpu import program_for  # noqa: E402
+from fuzz_gpu import captured_calls  # noqa: E402
 
 from fusepass.autotune.config import ForwardConfig  # noqa: E402
 from fusepass.kernels import forward  # noqa: E402
-from fusepass.ops import dispatch, reference  # noqa: E402
+from fusepass.ops import reference  # noqa: E402
 
 CONFIGS = [(bm, bn, w, st) for bm, bn in ((16, 16), (32, 32), (64, 16), (64, 32), (64, 64), (128, 32))
            for w, st in ((4, 1), (4, 2), (4, 3), (8, 2))]
@@ -25,31 +23,11 @@ if os.environ.get("DIAG_CONFIGS"):  # e.g. "64x32w4s2,64x64w4s1"
                for c in os.environ["DIAG_CONFIGS"].split(",")]
 
 
-def captured(seed: int):
-    prog = program_for(seed, dataclasses.replace(ap.GPU, dtypes=("bfloat16", "float16", "float32")))
-    print(prog, prog.dtype)
-    calls, orig = [], dispatch.run_forward
-
-    def capture(call):
-        calls.append(call)
-        return orig(call)
-
-    dispatch.run_forward = capture
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    opts = {"inner": "aot_eager"} if dev == "cuda" else {"inner": "aot_eager", "interpret": True, "autotune": False}
-    try:
-        ap.check_program(prog, opts, device=dev)
-        print("check_program: passed")
-    except ap.ProgramFailure as f:
-        print("check_program:", f.kind, f.detail[:400])
-    finally:
-        dispatch.run_forward = orig
-    return calls
-
-
 def main() -> None:
     for seed in map(int, sys.argv[1:]):
-        calls = captured(seed)
+        prog, verdict, calls = captured_calls(seed)
+        print(prog, prog.dtype)
+        print("check_program:", verdict[:400])
         if not calls:
             print("no fused call")
             continue

@@ -4,7 +4,6 @@ whole head dim or summed over chunks of it, each against float64.
 
     PYTHONPATH=$PWD python benchmarks/diag_fp32_dot.py SEED [SEED ...]   # seeds of benchmarks/fuzz_gpu.py
 """
-import dataclasses
 import sys
 
 import torch
@@ -12,9 +11,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, "tests"); sys.path.insert(0, "benchmarks")
-import attention_programs as ap  # noqa: E402
-from fuzz_gpu import program_for  # noqa: E402
-from fusepass.ops import dispatch  # noqa: E402
+from fuzz_gpu import captured_calls  # noqa: E402
 
 
 @triton.jit
@@ -49,22 +46,7 @@ def triton_scores(q, k, chunk):
 
 def main() -> None:
     for seed in map(int, sys.argv[1:]):
-        prog = program_for(seed, dataclasses.replace(ap.GPU, dtypes=("bfloat16", "float16", "float32")))
-        calls = []
-        orig = dispatch.run_forward
-
-        def capture(call):
-            calls.append(call)
-            return orig(call)
-
-        dispatch.run_forward = capture
-        try:
-            ap.check_program(prog, {"inner": "aot_eager"}, device="cuda" if torch.cuda.is_available() else "cpu")
-            verdict = "passed"
-        except ap.ProgramFailure as f:
-            verdict = f"{f.kind}: {f.detail}"
-        finally:
-            dispatch.run_forward = orig
+        prog, verdict, calls = captured_calls(seed)
         print(f"seed {seed}: {prog}\n  check_program: {verdict}")
         if not calls:
             continue

@@ -38,6 +38,31 @@ def program_for(seed: int, profile: ap.Profile) -> ap.Program:
     return ap.generate(lambda name, options: rng.choice(list(options)), profile)
 
 
+def captured_calls(seed: int) -> tuple[ap.Program, str, list]:
+    """Program ``seed`` (any dtype) run once as this script runs it: the program, the verdict,
+    and the op calls the compiled run handed to the launchers (the diag_* scripts' input)."""
+    from fusepass.ops import dispatch
+
+    prog = program_for(seed, dataclasses.replace(ap.GPU, dtypes=("bfloat16", "float16", "float32")))
+    calls, orig = [], dispatch.run_forward
+
+    def capture(call):
+        calls.append(call)
+        return orig(call)
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = {"inner": "aot_eager"} if dev == "cuda" else {"inner": "aot_eager", "interpret": True, "autotune": False}
+    dispatch.run_forward = capture
+    try:
+        ap.check_program(prog, opts, device=dev)
+        verdict = "passed"
+    except ap.ProgramFailure as f:
+        verdict = f"{f.kind}: {f.detail}"
+    finally:
+        dispatch.run_forward = orig
+    return prog, verdict, calls
+
+
 @contextlib.contextmanager
 def counting_kernel_launches():
     """``launches["forward"]``: forward kernel launches of either family so far (the launchers' counter)."""
