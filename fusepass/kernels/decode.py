@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Optional
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -176,40 +177,50 @@ def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32: the op's semantics, as the prefill
     kernel computes them (``refusal(call)`` must be None)."""
     plan = _plans.get(plan_key(call, call.structure, config), lambda: _make_plan(call, config))
-    return _bound(call, plan)(call.q, call.k, call.v, call.biases, call.masks, call.seed)
+    return _launch(plan, _Launch.of(call, plan), call.q, call.k, call.v, call.biases, call.masks, call.seed)
 
 
 def runner(call: AttentionCall) -> Optional[Callable]:
     """A function of (q, k, v, biases, masks, seed) for later calls of ``call``'s signature:
     the split count, strides and scalars bound once (see kernels/forward.runner)."""
     plan = _plans.get(plan_key(call, call.structure, None), lambda: _make_plan(call, None))
-    return None if plan.interpret else _bound(call, plan)
+    return None if plan.interpret else functools.partial(_launch, plan, _Launch.of(call, plan))
 
 
-def _bound(call: AttentionCall, plan: _Plan) -> Callable:
-    q, k, v = call.q, call.k, call.v
-    B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
-    cfg, spec = plan.cfg, plan.spec
-    splits, per_split = splits_for(N, cfg)
-    scalars = plan.scalars or scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)
-    tail = (*q.stride(), *k.stride(), *v.stride(), Hq, call.groups, M, N, Hkv, splits, *scalars)
-    Dv = call.v_head_dim
-    out_shape, out_strides, lse_shape = (B, Hq, M, Dv), (Hq * M * Dv, M * Dv, Dv, 1), (B, Hq, M)
-    # The splits' partial results in one allocation (host time per decode step): accumulators
-    # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
-    parts_numel = B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2)
-    dtype, device, mask_args = v.dtype, q.device, call.mask_args
-    split_grid, combine_grid = (splits, B * Hkv), (B * Hkv,)
+class _Launch(NamedTuple):
+    """What one key length's launches take besides the tensors (a tuple: it is built on every
+    decode step of a growing cache, where a frozen dataclass's __init__ costs microseconds)."""
 
-    def run(q, k, v, biases, masks, seed):
-        out = new_output(out_shape, dtype, device)
-        lse = new_output(lse_shape, torch.float32, device)
-        parts = torch.empty(parts_numel, dtype=torch.float32, device=device)
-        extras = extra_args(biases, masks, mask_args) if biases or masks or mask_args else ()
-        launches["decode"] += 1
-        with render.interpreting() if plan.interpret else contextlib.nullcontext():
-            plan.launch_split(split_grid, q, k, v, parts, per_split, *extras, tail=tail)
-            plan.launch_combine(combine_grid, q, k, v, out, lse, parts, *out_strides, *extras, tail=tail)
-        return out, lse
+    tail: tuple
+    per_split: int
+    split_grid: tuple
+    combine_grid: tuple
+    out_shape: tuple
+    out_strides: tuple
+    parts_numel: int
+    mask_args: tuple
 
-    return run
+    @classmethod
+    def of(cls, call: AttentionCall, plan: _Plan) -> "_Launch":
+        q, k, v = call.q, call.k, call.v
+        B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
+        splits, per_split = splits_for(N, plan.cfg)
+        scalars = plan.scalars or scalar_args(plan.spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)
+        Dv = call.v_head_dim
+        # The splits' partial results in one allocation (host time per decode step): accumulators
+        # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
+        return cls((*q.stride(), *k.stride(), *v.stride(), Hq, call.groups, M, N, Hkv, splits, *scalars), per_split,
+                   (splits, B * Hkv), (B * Hkv,), (B, Hq, M, Dv), (Hq * M * Dv, M * Dv, Dv, 1),
+                   B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), call.mask_args)
+
+
+def _launch(plan: _Plan, at: _Launch, q, k, v, biases, masks, seed) -> tuple[Tensor, Tensor]:
+    out = new_output(at.out_shape, v.dtype, q.device)
+    lse = new_output(at.out_shape[:3], torch.float32, q.device)
+    parts = torch.empty(at.parts_numel, dtype=torch.float32, device=q.device)
+    extras = extra_args(biases, masks, at.mask_args) if biases or masks or at.mask_args else ()
+    launches["decode"] += 1
+    with render.interpreting() if plan.interpret else contextlib.nullcontext():
+        plan.launch_split(at.split_grid, q, k, v, parts, at.per_split, *extras, tail=at.tail)
+        plan.launch_combine(at.combine_grid, q, k, v, out, lse, parts, *at.out_strides, *extras, tail=at.tail)
+    return out, lse

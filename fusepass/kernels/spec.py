@@ -49,14 +49,21 @@ class KernelSpec:
     bias_grad: tuple[str, ...] = ()  # per bias: "" (no grad) or bias_grad_mode(); backward only
 
     @property
+    def exact_fp32(self) -> bool:
+        """fp32 inputs with IEEE dots, held to eager's fp32 rounding (cuBLAS on the GPU): the
+        templates sum q.k in fp64, recompute every row's statistics in the backward and sum
+        the gradients with compensation (``exact_fp32`` in templates/_score.py.jinja and
+        docs/architecture.md).  TF32 dots are as coarse as eager's TF32 matmuls already."""
+        return self.precision == "ieee"
+
+    @property
     def natural_units(self) -> bool:
         """Whether the kernels keep scores in natural units (``nat`` in
-        templates/_score.py.jinja) instead of log2 units.  With biases, which may be large
-        finite fills; and for fp32 inputs, where rounding s * LOG2E costs |s| * 1e-7 absolute
-        on every exponent (a relative error of ~3e-6 in p at unscaled scores of ~30, ten times
-        eager's), while eager's s - max is exact.  Such variants' backward also takes the row
-        statistics of ``attn_bwd_rowstats``."""
-        return self.n_biases > 0 or bool(self.precision)
+        templates/_score.py.jinja) instead of log2 units: with biases, which may be large
+        finite fills, and for exact fp32, where s * LOG2E would round |s| * 6e-8 off each
+        exponent that eager's exact s - max does not.  Such variants' backward also takes the
+        row statistics of ``attn_bwd_rowstats``."""
+        return self.n_biases > 0 or self.exact_fp32
 
     @property
     def block_map(self) -> bool:
@@ -72,9 +79,7 @@ class KernelSpec:
             n_masks=self.n_masks,
             n_args=self.n_args,
             nat=self.natural_units,
-            exact_rows=bool(self.precision),  # fp32: the backward recomputes every row's statistics
-            score_f64=self.precision == "ieee",  # fp32 held to eager's rounding: q.k summed in fp64
-            compensate=self.precision == "ieee",  # ... and gradients summed tile by tile with Kahan's compensation
+            exact_fp32=self.exact_fp32,
             pred=to_triton(self.expr, names) if self.expr else "",
             block_map=self.block_map,
             softcap=self.softcap,
