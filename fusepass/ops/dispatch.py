@@ -110,11 +110,11 @@ def runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fil
 def _runner_for(call: AttentionCall):
     """The call's launch bound to its signature, or None when a later call may run otherwise
     (the reference, a ring) or needs per-call work (bool masks' block maps).  The family is the
-    one this call ran: for a signature seen before, a short cache that is not growing runs the
-    prefill kernel (decode.serves), and either family computes the op exactly."""
+    size rule's alone (decode.refusal_for, not decode.serves, whose growth check keeps state):
+    a signature seen twice is not a growing cache, and either family computes the op exactly."""
     if call.run.context_parallel or kernel_reason(call) is not None:
         return None
-    if decode.serves(call):
+    if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p) is None:
         return decode.runner(call)
     return prefill.runner(call, tuning.kernel_config_provider)
 
