@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
+import os
+import sys
 
 import torch
 
@@ -23,6 +23,9 @@ import fusepass  # noqa: F401 (registers the backend and the ops)
 from fusepass.kernels import decode, forward, launch_common
 from fusepass.ops import dispatch
 from fusepass.options import RunOptions
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_overhead import per_call_us  # noqa: E402  (the same timer: warm-up, median of rounds)
 
 _noop_lib = torch.library.Library("fusepass_stage", "DEF")
 _noop_lib.define(
@@ -42,21 +45,6 @@ _noop_lib.impl("noop", _noop, "CompositeExplicitAutograd")
 def attn(q, k, v):
     s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     return torch.softmax(s, dim=-1) @ v
-
-
-def timed(fn, n: int, sync) -> float:
-    """Median over 5 rounds of n calls, µs per call."""
-    for _ in range(50):
-        fn()
-    sync()
-    rounds = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        rounds.append((time.perf_counter() - t) / n * 1e6)
-    return statistics.median(rounds)
 
 
 def main() -> None:
@@ -109,7 +97,7 @@ def main() -> None:
     print("| stage | µs |\n|---|---|")
     with torch.no_grad():
         for name, fn in rows:
-            print(f"| {name} | {timed(fn, args.n, sync):.1f} |", flush=True)
+            print(f"| {name} | {per_call_us(fn, args.n, repeats=5):.1f} |", flush=True)
         if args.profile:
             import cProfile
             import pstats
