@@ -2,7 +2,10 @@
 
 bf16, D=128 (and 64), Hq=32 query heads over Hkv key/value heads.  fusepass runs through
 ``torch.compile(plain GQA attention code, backend="fusepass")`` (autotune off, static shapes);
-beside it SDPA (``enable_gqa``), compiled FlexAttention (flex decoding), in the same run.
+beside it SDPA (``enable_gqa``), compiled FlexAttention (flex decoding), in the same run; then
+SDPA under ``torch.compile`` (the same Dynamo and wrapper cost per call as fusepass's column) and
+both under ``mode="reduce-overhead"`` (CUDA graphs: no host time per call; fusepass's autotune
+follows ``FUSEPASS_AUTOTUNE``, as ``mode`` and ``options`` exclude each other).
 Times are ``triton.testing.do_bench`` medians (µs); KV TB/s counts K and V read once.  Every
 provider's output is checked against SDPA.  A second table puts the two fusepass kernel
 families side by side (the launchers called directly) for the crossover rule of
@@ -62,6 +65,11 @@ def providers(q, k, v, pad, mask_kind):
         j = torch.arange(N, device=q.device)[None, :]
         keep4 = ((j <= i) & (j > i - WINDOW)) & pad
     fused = torch.compile(code, backend="fusepass", options={"autotune": False}, dynamic=False)
+    # CUDA graphs: what a decode loop under mode="reduce-overhead" pays (no host time per call).
+    fused_graphs = torch.compile(code, backend="fusepass", mode="reduce-overhead", dynamic=False)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=keep4, enable_gqa=True)  # noqa: E731
+    sdpa_c = torch.compile(sdpa, dynamic=False)
+    sdpa_graphs = torch.compile(sdpa, mode="reduce-overhead", dynamic=False)
     flex = torch.compile(flex_attention, dynamic=False)
     block_mask = None
     if keep4 is not None:
@@ -69,8 +77,11 @@ def providers(q, k, v, pad, mask_kind):
         block_mask = create_block_mask(lambda b, h, qi, kj: dense[b, 0, qi, kj], B, None, M, N, device=q.device)
     return {
         "fusepass": lambda: fused(q, k, v),
-        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep4, enable_gqa=True),
+        "sdpa": lambda: sdpa(q, k, v),
         "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True),
+        "sdpa compiled": lambda: sdpa_c(q, k, v),
+        "fusepass graphs": lambda: fused_graphs(q, k, v),
+        "sdpa graphs": lambda: sdpa_graphs(q, k, v),
     }
 
 
@@ -122,13 +133,14 @@ def main() -> None:
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, one query per sequence; "
           "µs (KV TB/s)\n")
-    print("| B | N | Hq/Hkv | D | mask | fusepass | SDPA | Flex |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| B | N | Hq/Hkv | D | mask | fusepass | SDPA | Flex | SDPA compiled | fusepass graphs | SDPA graphs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for B, N, Hq_, Hkv, D, mask_kind, cells, kv_bytes in rows:
         def cell(name):
             t = cells.get(name)
             return f"{t:.1f} ({kv_bytes / t / 1e6:.2f})" if isinstance(t, float) else str(t)
-        print(f"| {B} | {N} | {Hq_}/{Hkv} | {D} | {mask_kind} | {cell('fusepass')} | {cell('sdpa')} | {cell('flex')} |")
+        print(f"| {B} | {N} | {Hq_}/{Hkv} | {D} | {mask_kind} | {cell('fusepass')} | {cell('sdpa')} | {cell('flex')} | "
+              f"{cell('sdpa compiled')} | {cell('fusepass graphs')} | {cell('sdpa graphs')} |")
 
     # The two families on the same calls (launchers called directly, no compile): the crossover.
     print("\nfusepass kernel families, B=8, Hq=32, Hkv=8, D=128, µs (decode / prefill)\n")

@@ -191,6 +191,54 @@ def test_a_growing_cache_reuses_one_plan(monkeypatch):
     assert len(decode._plans._plans) == 1
 
 
+def test_a_growing_cache_is_served_by_one_grower_from_its_third_step(monkeypatch):
+    """DynamicCache's steps: K, V and the padding bias grow by one key per call, so every call
+    has a new signature (no runner).  The second length binds a grower (ops/dispatch.py); from
+    the third step on it serves the call without building it, with the full path's outputs
+    bitwise, and a call the grower's key cannot vouch for is validated (and refused) as before."""
+    from fusepass.ops import dispatch
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_binds", lambda q: True)  # on CPU: the interpreter stands in for CUDA
+    for table in ("_runners", "_growers"):
+        monkeypatch.setattr(dispatch, table, {})
+    monkeypatch.setattr(decode, "_last_kv_len", {})
+    served = []
+    real = decode.grower
+
+    def grower(call):
+        run = real(call)
+
+        def counted(*tensors):
+            served.append(tensors[1].shape[2])
+            return run(*tensors)
+        return counted
+
+    monkeypatch.setattr(decode, "grower", grower)
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q = torch.randn(B, Hq, 1, D)
+    k, v = torch.randn(B, Hkv, 29, D), torch.randn(B, Hkv, 29, D)
+    pad = torch.zeros(B, 1, 1, 29)
+    pad[1, ..., :5] = torch.finfo(torch.float32).min  # the second prompt is left-padded
+    feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
+    for step in range(5):
+        k, v = torch.cat([k, torch.randn(B, Hkv, 1, D)], 2), torch.cat([v, torch.randn(B, Hkv, 1, D)], 2)
+        pad = torch.cat([pad, torch.zeros(B, 1, 1, 1)], 3)
+        out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
+        want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), f"step {step}"
+        ref, _ = dense_attention(q.double(), k.double(), v.double(), [pad.double()], [], *feats)
+        eager, _ = dense_attention(q, k, v, [pad], [], *feats)
+        assert_close_to_reference(out, eager, ref, name=f"step {step}")
+    assert served == [32, 33, 34]  # lengths 30 and 31 took the full path; 31 bound the grower
+    # A bias that spans neither one key nor all of them has another growth key: validated, refused.
+    with pytest.raises(ValueError, match="does not broadcast"):
+        dispatch.forward(q, k, v, [pad[..., 1:]], [], *feats)
+    with pytest.raises(ValueError, match="disagree"):  # K and V of different lengths
+        dispatch.forward(q, k, v[:, :, 1:], [pad], [], *feats)
+    assert served == [32, 33, 34]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("G,M,N,D,expr", [(4, 1, 4096, 128, CAUSAL), (8, 1, 33000, 128, ""), (1, 1, 1000, 64, ""),

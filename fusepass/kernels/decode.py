@@ -187,6 +187,41 @@ def runner(call: AttentionCall) -> Optional[Callable]:
     return None if plan.interpret else functools.partial(_launch, plan, _Launch.of(call, plan))
 
 
+def grower(call: AttentionCall) -> Callable:
+    """A function of (q, k, v, biases, masks, seed) for later calls of ``call``'s structure whose
+    key length (and the strides that follow from it) differs: a growing cache's next steps.  The
+    plan is bound once; each call only computes its length's splits, strides and scalars.  The
+    caller guarantees that such a call would validate as ``call`` did (ops/dispatch.growth_key)."""
+    plan = _plans.get(plan_key(call, call.structure, None), lambda: _make_plan(call, None))
+    fixed = _Fixed.of(call)
+
+    def run(q, k, v, biases, masks, seed):
+        return _launch(plan, _Launch.at(plan, fixed, q, k, v), q, k, v, biases, masks, seed)
+
+    return run
+
+
+class _Fixed(NamedTuple):
+    """What a structure's launches read besides the tensors' key length and strides."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    groups: int
+    v_head_dim: int
+    scale: float
+    softcap: float
+    dropout_p: float
+    mask_fill: float
+    mask_args: tuple
+
+    @classmethod
+    def of(cls, call: AttentionCall) -> "_Fixed":
+        return cls(call.batch, call.q_heads, call.kv_heads, call.q_len, call.groups, call.v_head_dim, call.scale,
+                   call.softcap, call.dropout_p, call.mask_fill, call.mask_args)
+
+
 class _Launch(NamedTuple):
     """What one key length's launches take besides the tensors (a tuple: it is built on every
     decode step of a growing cache, where a frozen dataclass's __init__ costs microseconds)."""
@@ -202,16 +237,19 @@ class _Launch(NamedTuple):
 
     @classmethod
     def of(cls, call: AttentionCall, plan: _Plan) -> "_Launch":
-        q, k, v = call.q, call.k, call.v
-        B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
+        return cls.at(plan, _Fixed.of(call), call.q, call.k, call.v)
+
+    @classmethod
+    def at(cls, plan: _Plan, f: _Fixed, q: Tensor, k: Tensor, v: Tensor) -> "_Launch":
+        N = k.shape[2]
         splits, per_split = splits_for(N, plan.cfg)
-        scalars = plan.scalars or scalar_args(plan.spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N)
-        Dv = call.v_head_dim
+        scalars = plan.scalars or scalar_args(plan.spec, f.scale, f.softcap, f.dropout_p, f.mask_fill, N)
+        B, Hq, Hkv, M, Dv = f.batch, f.q_heads, f.kv_heads, f.q_len, f.v_head_dim
         # The splits' partial results in one allocation (host time per decode step): accumulators
         # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
-        return cls((*q.stride(), *k.stride(), *v.stride(), Hq, call.groups, M, N, Hkv, splits, *scalars), per_split,
+        return cls((*q.stride(), *k.stride(), *v.stride(), Hq, f.groups, M, N, Hkv, splits, *scalars), per_split,
                    (splits, B * Hkv), (B * Hkv,), (B, Hq, M, Dv), (Hq * M * Dv, M * Dv, Dv, 1),
-                   B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), call.mask_args)
+                   B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), f.mask_args)
 
 
 def _launch(plan: _Plan, at: _Launch, q, k, v, biases, masks, seed) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 import torch
 
@@ -119,13 +120,74 @@ def _runner_for(call: AttentionCall):
     return prefill.runner(call, tuning.kernel_config_provider)
 
 
+def _last_dim(t, N: int) -> tuple:
+    """A bias's or mask's shape with its key axis (the last) written as "N" when it spans the keys."""
+    shape = t.shape
+    if not shape:
+        return ()
+    return (*shape[:-1], "N" if shape[-1] == N else shape[-1])
+
+
+def growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
+               run) -> Optional[tuple]:
+    """runner_key without the key length and the strides of k, v, biases and masks (the kernels
+    take strides per call, and nothing validation or the decode plan reads depends on them): equal for the steps of a
+    cache that grows by one key per step.  Validation reads the key length only through the
+    "N or 1" rule for biases and masks, which "N" in the key stands for; so a call with the key
+    of a validated call validates too.  None when the length could be confused with a
+    broadcast axis (N < 2) or the call is not short queries without dropout."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None  # validation says what is wrong
+    N = k.shape[2]
+    if N < 2 or q.shape[2] > decode.MAX_QUERY_LEN or dropout_p > 0 or q.numel() == 0:
+        return None
+    return (q.shape, q.stride(), q.dtype, q.device, k.shape[:2], k.shape[3], v.shape[:2], v.shape[3], v.shape[2] == N,
+            k.dtype, v.dtype, k.device, v.device,
+            tuple([(_last_dim(t, N), t.dtype, t.device) for t in biases]) if biases else (),
+            tuple([(_last_dim(t, N), t.dtype, t.device) for t in masks]) if masks else (),
+            None if seed is None else (seed.shape, seed.dtype),
+            scale, softcap, dropout_p, mask_fill, mask_expr, tuple(mask_args), run,
+            fp32_dot_precision() if q.dtype == torch.float32 else None)
+
+
+# Growers (decode.grower) by growth_key, with the same markers: bound when a structure is seen
+# with a second key length, so a cache growing by one key per step (a new runner_key each step)
+# skips building and validating the call from its third step on.
+_growers: dict = {}
+
+
+def _grower_for(call: AttentionCall):
+    if call.run.context_parallel or kernel_reason(call) is not None:
+        return None
+    if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, growing=True) is not None:
+        return None
+    return decode.grower(call)
+
+
+def _binds(q) -> bool:
+    """Whether calls on ``q``'s device take runners and growers (the interpreter plans per call)."""
+    return q.is_cuda
+
+
+def _remember(table: dict, key: tuple, found, bind, call: AttentionCall) -> None:
+    if len(table) >= _RUNNERS_MAX:
+        table.clear()
+    table[key] = (bind(call) or _UNBOUND) if found is _SEEN else _SEEN
+
+
 def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run=""):
-    key = found = None
-    if q.is_cuda:
+    key = found = gkey = grown = None
+    if _binds(q):
         key = runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
         found = _runners.get(key)
         if found is not None and found is not _SEEN and found is not _UNBOUND:
             return found(q, k, v, biases, masks, seed)
+        if found is None:  # a new signature: perhaps a known structure at a new key length
+            gkey = growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr,
+                              mask_args, run)
+            grown = _growers.get(gkey) if gkey is not None else None
+            if grown is not None and grown is not _SEEN and grown is not _UNBOUND:
+                return grown(q, k, v, biases, masks, seed)
     call = forward_call(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
     if call.run.context_parallel:  # a ring over the sequence's ranks, each chunk pair run as any call
         from fusepass.parallel import ring
@@ -133,9 +195,9 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
         return ring.forward(call, run_forward)
     result = run_forward(call)
     if key is not None and found is not _UNBOUND:
-        if len(_runners) >= _RUNNERS_MAX:
-            _runners.clear()
-        _runners[key] = (_runner_for(call) or _UNBOUND) if found is _SEEN else _SEEN
+        _remember(_runners, key, found, _runner_for, call)
+    if gkey is not None and grown is not _UNBOUND:
+        _remember(_growers, gkey, grown, _grower_for, call)
     return result
 
 
