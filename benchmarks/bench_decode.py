@@ -11,7 +11,7 @@ provider's output is checked against SDPA.  A second table puts the two fusepass
 families side by side (the launchers called directly) for the crossover rule of
 ``fusepass/kernels/decode.py``.
 
-    PYTHONPATH=$PWD python benchmarks/bench_decode.py [--quick]
+    PYTHONPATH=$PWD python benchmarks/bench_decode.py [--quick] [--no-families]
 """
 
 from __future__ import annotations
@@ -91,12 +91,13 @@ SHAPES_FULL = [  # (B, N, Hkv, D, mask)
     (8, 16384, 4, 128, "none"), (8, 16384, 8, 64, "none"), (8, 8192, 8, 128, "padding"),
     (8, 32768, 8, 128, "window"),
 ]
-SHAPES_QUICK = SHAPES_FULL[:3]
+SHAPES_QUICK = SHAPES_FULL[:4]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="the first four shapes only")
+    ap.add_argument("--no-families", action="store_true", help="skip the two-family table")
     args = ap.parse_args()
     import fusepass  # noqa: F401
     from fusepass.kernels import decode, forward
@@ -142,6 +143,8 @@ def main() -> None:
         print(f"| {B} | {N} | {Hq_}/{Hkv} | {D} | {mask_kind} | {cell('fusepass')} | {cell('sdpa')} | {cell('flex')} | "
               f"{cell('sdpa compiled')} | {cell('fusepass graphs')} | {cell('sdpa graphs')} |")
 
+    if args.no_families:
+        return
     # The two families on the same calls (launchers called directly, no compile): the crossover.
     print("\nfusepass kernel families, B=8, Hq=32, Hkv=8, D=128, µs (decode / prefill)\n")
     print("| M \\ N | " + " | ".join(str(n) for n in (256, 1024, 4096, 16384)) + " |")
