@@ -51,6 +51,9 @@ class Options:
     # Which positions each of those ranks holds: "head_tail" (torch's context_parallel default)
     # or "contiguous" (torch with load balancing turned off).
     context_parallel_layout: str = "head_tail"
+    # FP8 (e4m3) forward for sites that need no gradient (inference), each guarded on its first
+    # call against its own-dtype kernel (fusepass/ops/fp8_guard.py); training keeps its dtype.
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_COMPILERS:
@@ -74,7 +77,8 @@ class Options:
         """What the op calls of this compile carry for their run."""
         cp = self.context_parallel or None
         return RunOptions(autotune=self.autotune, interpret=True if self.interpret else None,
-                          cp_group=cp, cp_layout=self.context_parallel_layout if cp else None)
+                          cp_group=cp, cp_layout=self.context_parallel_layout if cp else None,
+                          fp8=True if self.fp8 else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,7 @@ class RunOptions:
     # CP_LAYOUTS); both or neither.  The call then runs as a ring (fusepass/parallel/ring.py).
     cp_group: Optional[str] = dataclasses.field(default=None, metadata={"text": True})
     cp_layout: Optional[str] = dataclasses.field(default=None, metadata={"text": True})
+    fp8: Optional[bool] = None  # the e4m3 forward, guarded (only the no-grad op honours it)
 
     def __post_init__(self) -> None:
         if (self.cp_group is None) != (self.cp_layout is None):

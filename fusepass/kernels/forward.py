@@ -99,18 +99,20 @@ def _data_map_args(call: AttentionCall, plan: _Plan) -> list:
 
 
 def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = None,
-                      config_for: Optional[ConfigProvider] = None) -> tuple[Tensor, Tensor]:
-    """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32; the op's semantics exactly."""
+                      config_for: Optional[ConfigProvider] = None, *, scales: tuple = (),
+                      out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, M, Dv] (v's dtype, or ``out_dtype``), lse [B, Hq, M] fp32; the op's semantics
+    exactly.  ``scales``: an fp8 call's (q per row, k per key, v per channel: kernels/fp8.py)."""
     q, v = call.q, call.v
     B, Hq, M = call.batch, call.q_heads, call.q_len
     if call.empty:
         # Nothing to launch.  No keys: eager's softmax over zero keys is an empty row, P @ V a
         # sum of nothing (zeros) and logsumexp -inf.
-        return (torch.zeros((B, Hq, M, call.v_head_dim), dtype=v.dtype, device=q.device),
+        return (torch.zeros((B, Hq, M, call.v_head_dim), dtype=out_dtype or v.dtype, device=q.device),
                 torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
     plan = _plans.get(plan_key(call, call.signature, config, config_for),
                       lambda: _make_plan(call, config, config_for))
-    out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
+    out = new_output((B, Hq, M, call.v_head_dim), out_dtype or v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
     map_args = plan.map_args if plan.map_args is not None else _data_map_args(call, plan)
     seed = seed_tensor(call.seed, q.device) if plan.spec.dropout else None
@@ -118,11 +120,11 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
 
     launches["fwd"] += 1
     if plan.fitted and not plan.interpret:  # the hot path: one lookup and the launch
-        plan.launcher(plan.cfg)(plan.grid, q, call.k, v, out, lse, seed, *map_args, *extras, tail=plan.tail)
+        plan.launcher(plan.cfg)(plan.grid, q, call.k, v, out, lse, seed, *scales, *map_args, *extras, tail=plan.tail)
         return out, lse
 
     def launch(cfg: ForwardConfig) -> None:
-        plan.launcher(cfg)(plan.grid, q, call.k, v, out, lse, seed, *map_args, *extras, tail=plan.tail)
+        plan.launcher(cfg)(plan.grid, q, call.k, v, out, lse, seed, *scales, *map_args, *extras, tail=plan.tail)
 
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
         if plan.fitted:

@@ -47,6 +47,7 @@ class KernelSpec:
     precision: str = ""  # tl.dot input_precision for fp32 inputs ("tf32" / "ieee"); "" for half types
     upcast_dot: bool = False  # interpreter + bf16: dots in fp32 (the interpreter's bf16 dot is wrong)
     bias_grad: tuple[str, ...] = ()  # per bias: "" (no grad) or bias_grad_mode(); backward only
+    fp8: bool = False  # e4m3 q, k, v with per-row / per-key / per-channel scales (kernels/fp8.py); forward only
 
     @property
     def exact_fp32(self) -> bool:
@@ -90,6 +91,7 @@ class KernelSpec:
             precision=self.precision,
             upcast_dot=self.upcast_dot,
             bias_grad=list(self.bias_grad) or [""] * self.n_biases,
+            fp8=self.fp8,
         )
 
     @classmethod
@@ -118,6 +120,7 @@ class KernelSpec:
             precision=precision,
             upcast_dot=q.device.type != "cuda" and q.dtype == torch.bfloat16,
             bias_grad=grads,
+            fp8=q.dtype == torch.float8_e4m3fn,
         )
 
     @classmethod

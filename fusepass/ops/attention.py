@@ -22,11 +22,15 @@ What the op computes, in fp32 (fp64 for fp64 inputs)::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from fusepass.options import RunOptions
 
 from . import dispatch
 
@@ -61,6 +65,19 @@ def _attention_impl(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mas
     return dispatch.forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
 
 
+@functools.lru_cache(maxsize=64)
+def _trainable_run(run: str) -> str:
+    """The run string without fp8: the FP8 forward is for inference only, and a trainable call's
+    backward must differentiate what its forward computed."""
+    options = RunOptions.decode(run)
+    return run if not options.fp8 else dataclasses.replace(options, fp8=None).encode()
+
+
+def _trainable_impl(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run=""):
+    return dispatch.forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
+                            _trainable_run(run))
+
+
 def _attention_backward_impl(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
                              mask_fill, mask_expr, mask_args, bias_needs_grad, run=""):
     """Gradients of q, k, v and of each bias whose flag is set (an empty tensor otherwise)."""
@@ -68,7 +85,7 @@ def _attention_backward_impl(grad_out, q, k, v, out, lse, biases, masks, seed, s
                              mask_fill, mask_expr, mask_args, bias_needs_grad, run)
 
 
-_lib.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+_lib.impl("attention", _trainable_impl, "CompositeExplicitAutograd")
 _lib.impl("attention_inference", _attention_impl, "CompositeExplicitAutograd")
 _lib.impl("attention_backward", _attention_backward_impl, "CompositeExplicitAutograd")
 attention = torch.ops.fusepass.attention.default

@@ -65,11 +65,21 @@ def _reason(device, dtype, head_dim, v_head_dim, mask_fill, softcap, interpret):
     return reason
 
 
+def _prefill(call: AttentionCall):
+    return prefill.attention_forward(call, config_for=tuning.kernel_config_provider)
+
+
 def run_forward(call: AttentionCall):
     if kernel_reason(call) is None:
         if decode.serves(call):  # short queries, long keys: the split-KV family
             return decode.attention_forward(call)
-        return prefill.attention_forward(call, config_for=tuning.kernel_config_provider)
+        if call.run.fp8:
+            from . import fp8_guard
+
+            result = fp8_guard.forward(call, _prefill, tuning.kernel_config_provider)
+            if result is not None:
+                return result
+        return _prefill(call)
     from . import reference
 
     return reference.attention_forward(call)
@@ -113,8 +123,8 @@ def _runner_for(call: AttentionCall):
     (the reference, a ring) or needs per-call work (bool masks' block maps).  The family is the
     size rule's alone (decode.refusal_for, not decode.serves, whose growth check keeps state):
     a signature seen twice is not a growing cache, and either family computes the op exactly."""
-    if call.run.context_parallel or kernel_reason(call) is not None:
-        return None
+    if call.run.context_parallel or call.run.fp8 or kernel_reason(call) is not None:
+        return None  # fp8: the guard's decision and the quantization are per call
     if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p) is None:
         return decode.runner(call)
     return prefill.runner(call, tuning.kernel_config_provider)

@@ -1,0 +1,111 @@
+"""The FP8 forward (e4m3, inference): rotation, quantization, and the prefill kernel's fp8 variant.
+
+Q and K are rotated by one random orthogonal transform R (a Hadamard matrix with random signs,
+normalized) before they are quantized: (q R)(k R)^T = q k^T, and the rotation spreads an
+outlier channel over all channels, so a row's largest element (which sets its scale) is closer
+to its typical one.  Head dims that are not a power of two are zero-padded first (padding
+changes no dot product).  Scales are per row of q, per key of k and per channel of v: finer than
+per-tile scales, and independent of the tile sizes a config picks.  The kernel multiplies each
+q.k tile by its row and key scales, and the probabilities by P_SCALE before their rounding
+(templates/_fwd_body.py.jinja); v's channel scales apply once, to the output.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from fusepass.call import AttentionCall
+
+from .limits import next_pow2
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+SERVED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+_ROTATION_SEED = 0x5EED  # any fixed seed: q and k of one call must share R, nothing else depends on it
+
+
+def refusal(call: AttentionCall) -> Optional[str]:
+    """None when the fp8 forward serves ``call``, else why it runs in its own dtype."""
+    if call.q.dtype not in SERVED_DTYPES:
+        return f"fp8 serves float16 and bfloat16 inputs, not {call.q.dtype}"
+    if call.dropout_p > 0:
+        return "dropout (training)"
+    if max(call.head_dim, call.v_head_dim) > MAX_HEAD_DIM:
+        return f"head dim above {MAX_HEAD_DIM}"
+    if call.empty:
+        return "no scores (an empty call)"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def rotation(dim: int, device: torch.device) -> Tensor:
+    """R [dim, dim] fp32, orthogonal: diag(random signs) @ H / sqrt(dim), H Sylvester's Hadamard
+    matrix (``dim`` a power of two)."""
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"fusepass fp8: the rotation needs a power-of-two size, got {dim}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    g = torch.Generator().manual_seed(_ROTATION_SEED + dim)
+    signs = torch.randint(0, 2, (dim,), generator=g).float() * 2 - 1
+    return (signs[:, None] * h / dim ** 0.5).to(device)
+
+
+def rotated_dim(head_dim: int) -> int:
+    return max(16, next_pow2(head_dim))
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., D] fp32 -> (e4m3 [..., D], scale [...] fp32) with x ~ e4m3 * scale, one scale per
+    row (its largest |element| maps to E4M3_MAX; an all-zero row gets scale 1)."""
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (x / scale[..., None]).to(E4M3), scale
+
+
+class Fp8Inputs(NamedTuple):
+    q: Tensor  # [B, Hq, M, Dr] e4m3, rotated (Dr = rotated_dim(D))
+    k: Tensor  # [B, Hkv, N, Dr] e4m3, rotated
+    v: Tensor  # [B, Hkv, N, Dv] e4m3
+    q_scale: Tensor  # [B, Hq, M] fp32
+    k_scale: Tensor  # [B, Hkv, N] fp32
+    v_scale: Tensor  # [B, Hkv, Dv] fp32
+
+
+def quantize(q: Tensor, k: Tensor, v: Tensor) -> Fp8Inputs:
+    """The kernel's fp8 inputs (all contiguous): q and k rotated then scaled per row, v per channel."""
+    D = q.shape[-1]
+    Dr = rotated_dim(D)
+    R = rotation(Dr, q.device)
+    if Dr != D:
+        R = R[:D]  # zero-padding q and k to Dr, then rotating: the first D rows of R
+    q8, sq = quantize_rows(q.float() @ R)
+    k8, sk = quantize_rows(k.float() @ R)
+    v8t, sv = quantize_rows(v.float().transpose(-1, -2))  # a channel's scale over all keys
+    return Fp8Inputs(q8.contiguous(), k8.contiguous(), v8t.transpose(-1, -2).contiguous(), sq.contiguous(),
+                     sk.contiguous(), sv.contiguous())
+
+
+def attention_forward(call: AttentionCall, config_for=None) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32 through the e4m3 kernel
+    (``refusal(call)`` must be None).  The scale is the call's; R keeps q.k."""
+    import dataclasses
+
+    from . import forward
+    from .launch_common import launches
+
+    launches["fp8"] += 1
+    x = quantize(call.q, call.k, call.v)
+    # The tuner times candidates on the call alone, without the scales: fp8 launches take the
+    # heuristic config.
+    run = dataclasses.replace(call.run, autotune=False)
+    qcall = AttentionCall.build(x.q, x.k, x.v, call.biases, call.masks, call.seed, scale=call.scale,
+                                softcap=call.softcap, dropout_p=call.dropout_p, mask_fill=call.mask_fill,
+                                mask_expr=call.mask_expr, mask_args=call.mask_args, run=run)
+    return forward.attention_forward(qcall, config_for=config_for, scales=(x.q_scale, x.k_scale, x.v_scale),
+                                     out_dtype=call.v.dtype)
