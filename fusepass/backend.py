@@ -82,7 +82,8 @@ def fuse_attention(
             records.append(SiteRecord(location, False, reason, spec, module=module))
             continue
         plans.append((found, expand))
-        records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec, options), module=module))
+        records.append(SiteRecord(location, True, None, spec, runs_on=_runs_on(spec, options, rewrite.trainable(found)),
+                                  module=module))
     if options.context_parallel:
         _check_context_parallel(records, [match for match, _ in plans])
     guards = [g for match, _ in plans for g in match.guards]
@@ -176,7 +177,7 @@ def _policy_refusal(spec, options: Options) -> Optional[str]:
     return None
 
 
-def _runs_on(spec, options: Options) -> str:
+def _runs_on(spec, options: Options, trainable: bool = False) -> str:
     """Where the op will run for this site, as far as is known at compile time."""
     # Symbolic head dims are read at their hint: this is a description, and must not guard.
     reason = support.fallback_reason(
@@ -185,7 +186,19 @@ def _runs_on(spec, options: Options) -> str:
     )
     if reason is not None:
         return f"reference ({reason})"
-    return f"triton, {_family(spec)}"
+    family = _family(spec)
+    return f"triton, {family}{_fp8(spec, trainable, family) if options.fp8 else ''}"
+
+
+def _fp8(spec, trainable: bool, family: str) -> str:
+    """What options={"fp8": True} does at this site (kernels/fp8.py serves the prefill family)."""
+    if family.startswith("decode"):
+        return "; not fp8 (the decode family)"
+    if trainable:
+        return "; not fp8 (a trainable site keeps its dtype)"
+    if spec.dtype not in ("float16", "bfloat16"):
+        return f"; not fp8 ({spec.dtype})"
+    return "; fp8 e4m3 once its first call passes the accuracy guard"
 
 
 def _family(spec) -> str:

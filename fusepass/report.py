@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from . import backend
 from .graph.nodes import format_scale
+from .ops import fp8_guard
 from .spec import SiteRecord
 
 
@@ -35,6 +36,7 @@ class ExplainReport:
     graphs: int  # how many graphs Dynamo compiled
     eager_frames: int = 0  # frames Dynamo gave up on during the call (they ran eagerly)
     dynamo_reasons: dict = dataclasses.field(default_factory=dict)  # Dynamo's reasons during the call
+    fp8: list = dataclasses.field(default_factory=list)  # the fp8 guard's decisions during the call
 
     @property
     def fused(self) -> int:
@@ -67,6 +69,9 @@ class ExplainReport:
         details = dict.fromkeys(s.runs_on for s in self.sites if s.fused and s.runs_on != s.runs_on_short)
         for detail in details:
             text += f"\nruns on {detail}"
+        for d in self.fp8:
+            text += (f"\nfp8 guard: {d.shape} {'runs e4m3' if d.use_fp8 else 'keeps its dtype'} (relative RMS "
+                     f"error {d.error:.3g} against its dtype's kernel)")
         if self.eager_frames:
             why = "; ".join(f"{r} (x{n})" for r, n in self.dynamo_reasons.items()) or "no reason given"
             text += (f"\nwarning: Dynamo gave up on {self.eager_frames} frame(s) and ran them eagerly: attention "
@@ -103,10 +108,12 @@ def explain(model_or_fn, *args: Any, options: Optional[dict] = None, **kwargs: A
     wants_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
     backend._recorders.append(records)
     eager_before, reasons_before = dynamo_fallbacks()
+    fp8_before = fp8_guard.decisions()
     try:
         with torch.set_grad_enabled(wants_grad):
             compiled(*args, **kwargs)
     finally:
         backend._recorders.remove(records)
     eager_after, reasons_after = dynamo_fallbacks()
-    return ExplainReport(records, graphs, eager_after - eager_before, dict(reasons_after - reasons_before))
+    fp8 = [d for key, d in fp8_guard.decisions().items() if key not in fp8_before]
+    return ExplainReport(records, graphs, eager_after - eager_before, dict(reasons_after - reasons_before), fp8)

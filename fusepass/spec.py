@@ -68,10 +68,11 @@ class SiteRecord:
         family = self.runs_on.split(", ", 1)[-1]
         if "chosen per call" in family:
             return "triton"
+        fp8 = " (fp8 guarded)" if "fp8 e4m3" in family else ""
         for name in ("prefill", "decode"):
             if family.startswith(name):
-                return f"triton {name}"
-        return "triton"
+                return f"triton {name}{fp8}"
+        return f"triton{fp8}"
 
     def __getattr__(self, name):
         # site.scale, site.mask, ... read through to the spec (None when there is none).

@@ -188,3 +188,20 @@ def test_gpu_e4m3_kernel_with_outliers(D, expr, G):
     err, own_err = _rel_rms(out, ref), _rel_rms(own, ref)
     print(f"D={D} G={G} {expr!r}: e4m3 {err:.4f}, bf16 {own_err:.5f} (relative RMS against float64)")
     assert err < fp8_guard.MAX_REL_RMS_ERROR and own_err < 0.01
+
+
+def test_explain_says_what_fp8_does_at_each_site():
+    import fusepass
+
+    def attention(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1) @ v
+
+    opts = {"fp8": True, "interpret": True, "inner": "aot_eager", "autotune": False}
+    q, k, v = (torch.randn(1, 2, 32, 64, dtype=torch.bfloat16) for _ in range(3))
+    report = fusepass.explain(attention, q, k, v, options=opts)
+    assert report.sites[0].runs_on.endswith("fp8 e4m3 once its first call passes the accuracy guard")
+    assert report.sites[0].runs_on_short == "triton prefill (fp8 guarded)"
+    assert len(report.fp8) == 1 and report.fp8[0].use_fp8 and "fp8 guard: q[1, 2, 32, 64]" in str(report)
+    torch._dynamo.reset()
+    report = fusepass.explain(attention, q.requires_grad_(), k, v, options=opts)
+    assert report.sites[0].runs_on.endswith("not fp8 (a trainable site keeps its dtype)") and not report.fp8

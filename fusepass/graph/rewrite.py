@@ -71,15 +71,17 @@ def _shape4(op: Operand, rank: int) -> tuple:
     return (1,) * (4 - len(shape)) + shape if rank != 3 else (shape[0], 1) + shape[1:]
 
 
-def _forward_op(m: Match):
-    """The op a site calls: ``attention_inference`` (no autograd layer) when its output needs
-    no grad (nothing it reads requires grad, or grad mode is off there).  Dynamo guards every
-    input's requires_grad and the grad mode, so what the example value says holds for every
-    call this graph serves."""
+def trainable(m: Match) -> bool:
+    """Whether a site's output needs grad (something it reads requires grad, with grad mode on).
+    Dynamo guards every input's requires_grad and the grad mode, so what the example value says
+    holds for every call this graph serves."""
     out = nodes.fake(m.out_node)
-    if out is None or out.requires_grad:
-        return torch.ops.fusepass.attention.default
-    return torch.ops.fusepass.attention_inference.default
+    return out is None or out.requires_grad
+
+
+def _forward_op(m: Match):
+    """The op a site calls: ``attention_inference`` (no autograd layer) unless it is trainable."""
+    return torch.ops.fusepass.attention.default if trainable(m) else torch.ops.fusepass.attention_inference.default
 
 
 def op_shapes(m: Match) -> tuple[tuple, tuple, tuple]:
