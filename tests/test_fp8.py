@@ -64,6 +64,7 @@ def test_padded_head_dims_keep_the_scores():
     q, k, v = torch.randn(1, 2, 9, 80), torch.randn(1, 2, 11, 80), torch.randn(1, 2, 11, 40)
     x = fp8.quantize(q, k, v)
     assert x.q.shape == (1, 2, 9, 128) and x.v.shape == (1, 2, 11, 40) and x.v_scale.shape == (1, 2, 40)
+    assert x.v.stride()[-2:] == (1, 11)  # keys contiguous: the layout an e4m3 P @ V operand needs
     s = (x.q.double() * x.q_scale[..., None]) @ (x.k.double() * x.k_scale[..., None]).transpose(-1, -2)
     assert _rel_rms(s, q.double() @ k.double().transpose(-1, -2)) < 0.1
 

@@ -71,14 +71,16 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 class Fp8Inputs(NamedTuple):
     q: Tensor  # [B, Hq, M, Dr] e4m3, rotated (Dr = rotated_dim(D))
     k: Tensor  # [B, Hkv, N, Dr] e4m3, rotated
-    v: Tensor  # [B, Hkv, N, Dv] e4m3
+    v: Tensor  # [B, Hkv, N, Dv] e4m3, keys contiguous (a transposed [B, Hkv, Dv, N] buffer)
     q_scale: Tensor  # [B, Hq, M] fp32
     k_scale: Tensor  # [B, Hkv, N] fp32
     v_scale: Tensor  # [B, Hkv, Dv] fp32
 
 
 def quantize(q: Tensor, k: Tensor, v: Tensor) -> Fp8Inputs:
-    """The kernel's fp8 inputs (all contiguous): q and k rotated then scaled per row, v per channel."""
+    """The kernel's fp8 inputs: q and k rotated then scaled per row, v per channel.  v keeps its
+    keys contiguous: P @ V contracts over keys, and an e4m3 operand of Hopper's wgmma must be
+    contiguous along the contracted axis (q and k are, along D); the kernel reads v by strides."""
     D = q.shape[-1]
     Dr = rotated_dim(D)
     R = rotation(Dr, q.device)
@@ -87,7 +89,7 @@ def quantize(q: Tensor, k: Tensor, v: Tensor) -> Fp8Inputs:
     q8, sq = quantize_rows(q.float() @ R)
     k8, sk = quantize_rows(k.float() @ R)
     v8t, sv = quantize_rows(v.float().transpose(-1, -2))  # a channel's scale over all keys
-    return Fp8Inputs(q8.contiguous(), k8.contiguous(), v8t.transpose(-1, -2).contiguous(), sq.contiguous(),
+    return Fp8Inputs(q8.contiguous(), k8.contiguous(), v8t.contiguous().transpose(-1, -2), sq.contiguous(),
                      sk.contiguous(), sv.contiguous())
 
 
