@@ -48,16 +48,28 @@ def test_the_rotation_spreads_an_outlier_channel():
     assert ratio(x) > 10.0 and ratio(rotated) < 4.5  # a row's max against its RMS: what sets its scale
 
 
-def test_rows_quantize_within_e4m3_s_rounding():
-    x = torch.randn(3, 5, 64) * torch.logspace(-3, 3, 5)[None, :, None]
-    x[1, 2] = 0.0
-    x8, scale = fp8.quantize_rows(x)
-    assert x8.dtype == torch.float8_e4m3fn and scale.shape == (3, 5)
-    assert scale[1, 2] == 1.0 and (x8[1, 2].float() == 0).all()
-    assert torch.allclose(x8.float().abs().amax(-1)[scale != 1.0], torch.tensor(fp8.E4M3_MAX))
-    back = x8.float() * scale[..., None]
-    normal = x.abs() >= scale[..., None] * 2.0 ** -6  # e4m3's normal range: 3 mantissa bits
-    assert ((back - x).abs() <= x.abs() * 2.0 ** -4 + 1e-30)[normal].all()
+def test_quantization_is_within_e4m3_s_rounding():
+    """The device kernels' q, k and v, dequantized (and q, k rotated back), against the inputs:
+    every element within e4m3's relative rounding (3 mantissa bits) where it is in e4m3's normal
+    range; a row's (channel's) largest element at E4M3_MAX; an all-zero row with scale 1."""
+    torch.manual_seed(0)
+    q = (torch.randn(2, 5, 33, 64) * torch.logspace(-3, 3, 5)[None, :, None, None]).to(torch.bfloat16)
+    q[1, 2, 4] = 0.0
+    k, v = torch.randn(2, 5, 70, 64, dtype=torch.bfloat16), torch.randn(2, 5, 70, 48, dtype=torch.bfloat16)
+    v[0, 1, :, 3] *= 1000.0
+    x = fp8.quantize(q, k, v)
+    assert (x.q.dtype, x.k.dtype, x.v.dtype) == (torch.float8_e4m3fn,) * 3
+    assert x.q_scale[1, 2, 4] == 1.0 and (x.q[1, 2, 4].float() == 0).all()
+    R = fp8.rotation(64, torch.device("cpu")).double()
+    for name, x8, scale, want, axis in (("q", x.q, x.q_scale, q.double() @ R, -1), ("k", x.k, x.k_scale,
+                                        k.double() @ R, -1), ("v", x.v, x.v_scale, v.double(), -2)):
+        s = scale.double().unsqueeze(axis)
+        back = x8.double() * s
+        live = scale != 1.0
+        peak = x8.float().abs().amax(axis)
+        assert torch.equal(peak[live], torch.full_like(peak[live], fp8.E4M3_MAX)), name
+        normal = want.abs() >= s * 2.0 ** -6
+        assert ((back - want).abs() <= want.abs() * 2.0 ** -4 + 1e-9)[normal].all(), name
 
 
 def test_padded_head_dims_keep_the_scores():

@@ -12,6 +12,7 @@ q.k tile by its row and key scales, and the probabilities by P_SCALE before thei
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -20,6 +21,8 @@ from torch import Tensor
 
 from fusepass.call import AttentionCall
 
+from . import render
+from .launch_common import cdiv
 from .limits import next_pow2
 
 E4M3 = torch.float8_e4m3fn
@@ -43,9 +46,9 @@ def refusal(call: AttentionCall) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def rotation(dim: int, device: torch.device) -> Tensor:
-    """R [dim, dim] fp32, orthogonal: diag(random signs) @ H / sqrt(dim), H Sylvester's Hadamard
-    matrix (``dim`` a power of two)."""
+def signed_hadamard(dim: int, device: torch.device) -> Tensor:
+    """diag(random signs) @ H [dim, dim] fp32, entries +-1: H is Sylvester's Hadamard matrix
+    (``dim`` a power of two).  Divided by sqrt(dim) it is orthogonal (``rotation``)."""
     if dim < 1 or dim & (dim - 1):
         raise ValueError(f"fusepass fp8: the rotation needs a power-of-two size, got {dim}")
     h = torch.ones(1, 1)
@@ -53,19 +56,16 @@ def rotation(dim: int, device: torch.device) -> Tensor:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     g = torch.Generator().manual_seed(_ROTATION_SEED + dim)
     signs = torch.randint(0, 2, (dim,), generator=g).float() * 2 - 1
-    return (signs[:, None] * h / dim ** 0.5).to(device)
+    return (signs[:, None] * h).to(device)
+
+
+def rotation(dim: int, device: torch.device) -> Tensor:
+    """R [dim, dim] fp32, orthogonal: the signed Hadamard matrix over sqrt(dim)."""
+    return signed_hadamard(dim, device) / dim ** 0.5
 
 
 def rotated_dim(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [..., D] fp32 -> (e4m3 [..., D], scale [...] fp32) with x ~ e4m3 * scale, one scale per
-    row (its largest |element| maps to E4M3_MAX; an all-zero row gets scale 1)."""
-    amax = x.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    return (x / scale[..., None]).to(E4M3), scale
 
 
 class Fp8Inputs(NamedTuple):
@@ -78,19 +78,40 @@ class Fp8Inputs(NamedTuple):
 
 
 def quantize(q: Tensor, k: Tensor, v: Tensor) -> Fp8Inputs:
-    """The kernel's fp8 inputs: q and k rotated then scaled per row, v per channel.  v keeps its
-    keys contiguous: P @ V contracts over keys, and an e4m3 operand of Hopper's wgmma must be
+    """The kernel's fp8 inputs, made by templates/fp8_quantize.py.jinja (one pass over q, one over
+    k, two over v): q and k rotated then scaled per row, v per channel.  v keeps its keys
+    contiguous: P @ V contracts over keys, and an e4m3 operand of Hopper's wgmma must be
     contiguous along the contracted axis (q and k are, along D); the kernel reads v by strides."""
-    D = q.shape[-1]
-    Dr = rotated_dim(D)
-    R = rotation(Dr, q.device)
-    if Dr != D:
-        R = R[:D]  # zero-padding q and k to Dr, then rotating: the first D rows of R
-    q8, sq = quantize_rows(q.float() @ R)
-    k8, sk = quantize_rows(k.float() @ R)
-    v8t, sv = quantize_rows(v.float().transpose(-1, -2))  # a channel's scale over all keys
-    return Fp8Inputs(q8.contiguous(), k8.contiguous(), v8t.contiguous().transpose(-1, -2), sq.contiguous(),
-                     sk.contiguous(), sv.contiguous())
+    interpret = q.device.type != "cuda"
+    mod = render.load("fp8_quantize.py.jinja", {"upcast": interpret, "e4m3_round": interpret}, interpret=interpret)
+    Dr = rotated_dim(q.shape[-1])
+    R = signed_hadamard(Dr, q.device)
+    with render.interpreting() if interpret else contextlib.nullcontext():
+        q8, sq = _rows(mod, q, R, Dr, interpret)
+        k8, sk = _rows(mod, k, R, Dr, interpret)
+        v8, sv = _channels(mod, v, interpret)
+    return Fp8Inputs(q8, k8, v8, sq, sk, sv)
+
+
+def _rows(mod, x: Tensor, R: Tensor, Dr: int, interpret: bool) -> tuple[Tensor, Tensor]:
+    B, H, L, D = x.shape
+    out = torch.empty((B, H, L, Dr), dtype=E4M3, device=x.device)
+    scale = torch.empty((B, H, L), dtype=torch.float32, device=x.device)
+    block = 16 if interpret else 64
+    if out.numel():
+        mod.quantize_rows[(cdiv(L, block), B * H)](x, R, out, scale, *x.stride(), H, L, D, Dr ** -0.5, DR=Dr,
+                                                   CHUNK=min(Dr, 64), BLOCK=block)
+    return out, scale
+
+
+def _channels(mod, v: Tensor, interpret: bool) -> tuple[Tensor, Tensor]:
+    B, H, N, Dv = v.shape
+    out = torch.empty((B, H, Dv, N), dtype=E4M3, device=v.device)
+    scale = torch.empty((B, H, Dv), dtype=torch.float32, device=v.device)
+    if out.numel():
+        mod.quantize_channels[(B * H,)](v, out, scale, *v.stride(), H, N, Dv, DV_P=max(16, next_pow2(Dv)),
+                                        BLOCK_N=32 if interpret else 128)
+    return out.transpose(-1, -2), scale
 
 
 def attention_forward(call: AttentionCall, config_for=None) -> tuple[Tensor, Tensor]:

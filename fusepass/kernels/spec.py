@@ -45,7 +45,7 @@ class KernelSpec:
     head_dim: int = 64
     v_head_dim: int = 64
     precision: str = ""  # tl.dot input_precision for fp32 inputs ("tf32" / "ieee"); "" for half types
-    upcast_dot: bool = False  # interpreter + bf16: dots in fp32 (the interpreter's bf16 dot is wrong)
+    upcast_dot: bool = False  # interpreter + bf16 / e4m3: dots in fp32 (the interpreter's bf16 dot is wrong)
     bias_grad: tuple[str, ...] = ()  # per bias: "" (no grad) or bias_grad_mode(); backward only
     fp8: bool = False  # e4m3 q, k, v with per-row / per-key / per-channel scales (kernels/fp8.py); forward only
 
@@ -92,6 +92,7 @@ class KernelSpec:
             upcast_dot=self.upcast_dot,
             bias_grad=list(self.bias_grad) or [""] * self.n_biases,
             fp8=self.fp8,
+            e4m3_round=self.fp8 and self.upcast_dot,
         )
 
     @classmethod
@@ -118,7 +119,9 @@ class KernelSpec:
             head_dim=call.head_dim,
             v_head_dim=call.v_head_dim,
             precision=precision,
-            upcast_dot=q.device.type != "cuda" and q.dtype == torch.bfloat16,
+            # The interpreter's half-precision dot is wrong; for e4m3 the flag also rounds before
+            # each cast (templates/_e4m3.py.jinja).
+            upcast_dot=q.device.type != "cuda" and q.dtype in (torch.bfloat16, torch.float8_e4m3fn),
             bias_grad=grads,
             fp8=q.dtype == torch.float8_e4m3fn,
         )
