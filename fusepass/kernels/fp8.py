@@ -109,8 +109,10 @@ def _channels(mod, v: Tensor, interpret: bool) -> tuple[Tensor, Tensor]:
     out = torch.empty((B, H, Dv, N), dtype=E4M3, device=v.device)
     scale = torch.empty((B, H, Dv), dtype=torch.float32, device=v.device)
     if out.numel():
-        mod.quantize_channels[(B * H,)](v, out, scale, *v.stride(), H, N, Dv, DV_P=max(16, next_pow2(Dv)),
-                                        BLOCK_N=32 if interpret else 128)
+        dv_p = max(16, next_pow2(Dv))
+        # About 8k elements a tile on the GPU (64 keys at Dv = 128): no spills at Dv = 256.
+        mod.quantize_channels[(B * H,)](v, out, scale, *v.stride(), H, N, Dv, DV_P=dv_p,
+                                        BLOCK_N=32 if interpret else max(16, 8192 // dv_p))
     return out.transpose(-1, -2), scale
 
 
