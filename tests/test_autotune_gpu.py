@@ -123,6 +123,7 @@ SCRIPT = textwrap.dedent("""
     from fusepass.autotune import provider, tuner
     from fusepass.kernels.heuristics import ConfigQuery
     from fusepass.kernels.spec import KernelSpec
+    from fusepass.ops.dispatch import forward_call
     q, k, v = (torch.randn(2, 8, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     fusepass.fused_attention(q, k, v, scale=0.125)  # the op: dispatch hands its launch the tuner
     torch.cuda.synchronize()
