@@ -225,8 +225,9 @@ def test_a_growing_cache_is_served_by_one_grower_from_its_third_step(monkeypatch
         k, v = torch.cat([k, torch.randn(B, Hkv, 1, D)], 2), torch.cat([v, torch.randn(B, Hkv, 1, D)], 2)
         pad = torch.cat([pad, torch.zeros(B, 1, 1, 1)], 3)
         out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
-        want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
-        assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), f"step {step}"
+        if step:  # the first length ran the prefill family (not yet a growing cache), the rest decode
+            want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
+            assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), f"step {step}"
         ref, _ = dense_attention(q.double(), k.double(), v.double(), [pad.double()], [], *feats)
         eager, _ = dense_attention(q, k, v, [pad], [], *feats)
         assert_close_to_reference(out, eager, ref, name=f"step {step}")
@@ -237,6 +238,45 @@ def test_a_growing_cache_is_served_by_one_grower_from_its_third_step(monkeypatch
     with pytest.raises(ValueError, match="disagree"):  # K and V of different lengths
         dispatch.forward(q, k, v[:, :, 1:], [pad], [], *feats)
     assert served == [32, 33, 34]
+
+
+@pytest.mark.gpu
+def test_gpu_growers_serve_a_growing_cache(monkeypatch):
+    """On CUDA (where growers bind for real): a DynamicCache-like cache grows by one key per call,
+    with a left-padding bias; from the third length on a grower serves the call, bitwise equal
+    to the full path and close to float64."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from fusepass.ops import dispatch
+
+    for table in ("_runners", "_growers"):
+        monkeypatch.setattr(dispatch, table, {})
+    served = []
+    real = decode.grower
+
+    def grower(call):
+        run = real(call)
+        return lambda *tensors: served.append(tensors[1].shape[2]) or run(*tensors)
+
+    monkeypatch.setattr(decode, "grower", grower)
+    dev, dt, B, Hq, Hkv, D = "cuda", torch.bfloat16, 2, 8, 2, 128
+    q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt)
+    k, v = (torch.randn(B, Hkv, 1000, D, device=dev, dtype=dt) for _ in range(2))
+    pad = torch.zeros(B, 1, 1, 1000, device=dev, dtype=dt)
+    pad[1, ..., :100] = torch.finfo(dt).min
+    feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
+    for step in range(5):
+        k = torch.cat([k, torch.randn(B, Hkv, 1, D, device=dev, dtype=dt)], 2)
+        v = torch.cat([v, torch.randn(B, Hkv, 1, D, device=dev, dtype=dt)], 2)
+        pad = torch.cat([pad, torch.zeros(B, 1, 1, 1, device=dev, dtype=dt)], 3)
+        out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
+        if step:  # the first length ran the prefill family (not yet a growing cache), the rest decode
+            want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
+            assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), f"step {step}"
+        ref, _ = dense_attention(q.double(), k.double(), v.double(), [pad.double()], [], *feats)
+        eager, _ = dense_attention(q, k, v, [pad], [], *feats)
+        assert_close_to_reference(out, eager, ref, name=f"step {step}")
+    assert served == [1003, 1004, 1005]
 
 
 @pytest.mark.gpu
