@@ -66,7 +66,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             growing(), growing(), growing()  # the second length binds the grower
             steps = sorted(growing() for _ in range(args.n))
-            print(f"| dispatch.forward, one key longer per call (host only, median) | {steps[len(steps) // 2] * 1e6:.1f} |")
+            median = steps[len(steps) // 2] * 1e6
+            print(f"| dispatch.forward, one key longer per call (host only, median) | {median:.1f} |")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
 
 

@@ -141,8 +141,8 @@ def _last_dim(t, N: int) -> tuple:
 def growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
                run) -> Optional[tuple]:
     """runner_key without the key length and the strides of k, v, biases and masks (the kernels
-    take strides per call, and nothing validation or the decode plan reads depends on them): equal for the steps of a
-    cache that grows by one key per step.  Validation reads the key length only through the
+    take strides per call, and nothing validation or the decode plan reads depends on them):
+    equal for the steps of a cache that grows by one key per step.  Validation reads the key length only through the
     "N or 1" rule for biases and masks, which "N" in the key stands for; so a call with the key
     of a validated call validates too.  None when the length could be confused with a
     broadcast axis (N < 2) or the call is not short queries without dropout."""
