@@ -7,12 +7,14 @@ to its typical one.  Head dims that are not a power of two are zero-padded first
 changes no dot product).  Scales are per row of q, per key of k and per channel of v: finer than
 per-tile scales, and independent of the tile sizes a config picks.  The kernel multiplies each
 q.k tile by its row and key scales, and the probabilities by P_SCALE before their rounding
-(templates/_fwd_body.py.jinja); v's channel scales apply once, to the output.
+(templates/_fwd_body.py.jinja); v's channel scales apply once, to the output.  The rotation and
+the scales are computed on the device (templates/fp8_quantize.py.jinja).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import NamedTuple, Optional
 
@@ -21,8 +23,8 @@ from torch import Tensor
 
 from fusepass.call import AttentionCall
 
-from . import render
-from .launch_common import cdiv
+from . import forward, render
+from .launch_common import cdiv, launches
 from .limits import next_pow2
 
 E4M3 = torch.float8_e4m3fn
@@ -119,11 +121,6 @@ def _channels(mod, v: Tensor, interpret: bool) -> tuple[Tensor, Tensor]:
 def attention_forward(call: AttentionCall, config_for=None) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32 through the e4m3 kernel
     (``refusal(call)`` must be None).  The scale is the call's; R keeps q.k."""
-    import dataclasses
-
-    from . import forward
-    from .launch_common import launches
-
     launches["fp8"] += 1
     x = quantize(call.q, call.k, call.v)
     # The tuner times candidates on the call alone, without the scales: fp8 launches take the
