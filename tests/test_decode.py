@@ -191,6 +191,47 @@ def test_a_growing_cache_reuses_one_plan(monkeypatch):
     assert len(decode._plans._plans) == 1
 
 
+def _counted_growers(monkeypatch) -> list:
+    """Fresh runner and grower tables, and the key lengths of the calls growers serve."""
+    from fusepass.ops import dispatch
+
+    for table in ("_runners", "_growers"):
+        monkeypatch.setattr(dispatch, table, {})
+    monkeypatch.setattr(decode, "_last_kv_len", {})
+    served = []
+    real = decode.grower
+
+    def grower(call):
+        run = real(call)
+        return lambda *tensors: served.append(tensors[1].shape[2]) or run(*tensors)
+
+    monkeypatch.setattr(decode, "grower", grower)
+    return served
+
+
+def _grow(q, k, v, pad, steps: int):
+    """K, V and the padding bias one key longer per call, as DynamicCache hands them over: each
+    call through dispatch.forward, checked against the decode family's full path (bitwise, from
+    the second length on: the first ran the prefill family, not yet a growing cache) and
+    against float64.  Returns the last K, V and bias."""
+    from fusepass.ops import dispatch
+
+    B, Hkv, _, D = k.shape
+    new = dict(device=q.device, dtype=q.dtype)
+    feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
+    for step in range(steps):
+        k, v = torch.cat([k, torch.randn(B, Hkv, 1, D, **new)], 2), torch.cat([v, torch.randn(B, Hkv, 1, D, **new)], 2)
+        pad = torch.cat([pad, torch.zeros(B, 1, 1, 1, **new)], 3)
+        out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
+        if step:
+            want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
+            assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), f"step {step}"
+        ref, _ = dense_attention(q.double(), k.double(), v.double(), [pad.double()], [], *feats)
+        eager, _ = dense_attention(q, k, v, [pad], [], *feats)
+        assert_close_to_reference(out, eager, ref, name=f"step {step}")
+    return k, v, pad, feats
+
+
 def test_a_growing_cache_is_served_by_one_grower_from_its_third_step(monkeypatch):
     """DynamicCache's steps: K, V and the padding bias grow by one key per call, so every call
     has a new signature (no runner).  The second length binds a grower (ops/dispatch.py); from
@@ -200,37 +241,13 @@ def test_a_growing_cache_is_served_by_one_grower_from_its_third_step(monkeypatch
 
     monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
     monkeypatch.setattr(dispatch, "_binds", lambda q: True)  # on CPU: the interpreter stands in for CUDA
-    for table in ("_runners", "_growers"):
-        monkeypatch.setattr(dispatch, table, {})
-    monkeypatch.setattr(decode, "_last_kv_len", {})
-    served = []
-    real = decode.grower
-
-    def grower(call):
-        run = real(call)
-
-        def counted(*tensors):
-            served.append(tensors[1].shape[2])
-            return run(*tensors)
-        return counted
-
-    monkeypatch.setattr(decode, "grower", grower)
+    served = _counted_growers(monkeypatch)
     B, Hq, Hkv, D = 2, 4, 2, 16
     q = torch.randn(B, Hq, 1, D)
     k, v = torch.randn(B, Hkv, 29, D), torch.randn(B, Hkv, 29, D)
     pad = torch.zeros(B, 1, 1, 29)
     pad[1, ..., :5] = torch.finfo(torch.float32).min  # the second prompt is left-padded
-    feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
-    for step in range(5):
-        k, v = torch.cat([k, torch.randn(B, Hkv, 1, D)], 2), torch.cat([v, torch.randn(B, Hkv, 1, D)], 2)
-        pad = torch.cat([pad, torch.zeros(B, 1, 1, 1)], 3)
-        out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
-        if step:  # the first length ran the prefill family (not yet a growing cache), the rest decode
-            want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
-            assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), f"step {step}"
-        ref, _ = dense_attention(q.double(), k.double(), v.double(), [pad.double()], [], *feats)
-        eager, _ = dense_attention(q, k, v, [pad], [], *feats)
-        assert_close_to_reference(out, eager, ref, name=f"step {step}")
+    k, v, pad, feats = _grow(q, k, v, pad, 5)
     assert served == [32, 33, 34]  # lengths 30 and 31 took the full path; 31 bound the grower
     # A bias that spans neither one key nor all of them has another growth key: validated, refused.
     with pytest.raises(ValueError, match="does not broadcast"):
@@ -247,35 +264,13 @@ def test_gpu_growers_serve_a_growing_cache(monkeypatch):
     to the full path and close to float64."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from fusepass.ops import dispatch
-
-    for table in ("_runners", "_growers"):
-        monkeypatch.setattr(dispatch, table, {})
-    served = []
-    real = decode.grower
-
-    def grower(call):
-        run = real(call)
-        return lambda *tensors: served.append(tensors[1].shape[2]) or run(*tensors)
-
-    monkeypatch.setattr(decode, "grower", grower)
+    served = _counted_growers(monkeypatch)
     dev, dt, B, Hq, Hkv, D = "cuda", torch.bfloat16, 2, 8, 2, 128
     q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt)
     k, v = (torch.randn(B, Hkv, 1000, D, device=dev, dtype=dt) for _ in range(2))
     pad = torch.zeros(B, 1, 1, 1000, device=dev, dtype=dt)
     pad[1, ..., :100] = torch.finfo(dt).min
-    feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
-    for step in range(5):
-        k = torch.cat([k, torch.randn(B, Hkv, 1, D, device=dev, dtype=dt)], 2)
-        v = torch.cat([v, torch.randn(B, Hkv, 1, D, device=dev, dtype=dt)], 2)
-        pad = torch.cat([pad, torch.zeros(B, 1, 1, 1, device=dev, dtype=dt)], 3)
-        out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
-        if step:  # the first length ran the prefill family (not yet a growing cache), the rest decode
-            want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
-            assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), f"step {step}"
-        ref, _ = dense_attention(q.double(), k.double(), v.double(), [pad.double()], [], *feats)
-        eager, _ = dense_attention(q, k, v, [pad], [], *feats)
-        assert_close_to_reference(out, eager, ref, name=f"step {step}")
+    _grow(q, k, v, pad, 5)
     assert served == [1003, 1004, 1005]
 
 
