@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from . import logs
-from .kernels import support
+from .kernels import fp8, support
 from .graph import matcher, mutations, nodes, predicates, rewrite
 from .graph.contractions import Refusal
 from .masks.reader import Guard
@@ -192,13 +192,16 @@ def _runs_on(spec, options: Options, trainable: bool = False) -> str:
 
 def _fp8(spec, trainable: bool, family: str) -> str:
     """What options={"fp8": True} does at this site (kernels/fp8.py serves the prefill family)."""
-    if family.startswith("decode"):
+    if family == DECODE_FAMILY:
         return "; not fp8 (the decode family)"
     if trainable:
         return "; not fp8 (a trainable site keeps its dtype)"
-    if spec.dtype not in ("float16", "bfloat16"):
+    if getattr(torch, spec.dtype) not in fp8.SERVED_DTYPES:
         return f"; not fp8 ({spec.dtype})"
     return "; fp8 e4m3 once its first call passes the accuracy guard"
+
+
+DECODE_FAMILY = "decode family (split-KV)"
 
 
 def _family(spec) -> str:
@@ -210,7 +213,7 @@ def _family(spec) -> str:
         return "decode family for short queries, else prefill (chosen per call)"
     M, Hq, Hkv, N = sizes
     refusal = decode.refusal_for(M, Hq // max(1, Hkv), N, spec.dropout_p)
-    return "decode family (split-KV)" if refusal is None else f"prefill family (not decode: {refusal})"
+    return DECODE_FAMILY if refusal is None else f"prefill family (not decode: {refusal})"
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, options: Options, mode: Optional[str]) -> Callable:
