@@ -8,10 +8,10 @@ both under ``mode="reduce-overhead"`` (CUDA graphs: no host time per call; fusep
 follows ``FUSEPASS_AUTOTUNE``, as ``mode`` and ``options`` exclude each other).
 Times are ``triton.testing.do_bench`` medians (µs); KV TB/s counts K and V read once.  Every
 provider's output is checked against SDPA.  A second table puts the two fusepass kernel
-families side by side (the launchers called directly) for the crossover rule of
-``fusepass/kernels/decode.py``.
+families side by side (the launchers called directly, with and without the host's time) for
+the crossover rule of ``fusepass/kernels/decode.py``.
 
-    PYTHONPATH=$PWD python benchmarks/bench_decode.py [--quick] [--no-families]
+    PYTHONPATH=$PWD python benchmarks/bench_decode.py [--quick] [--no-families | --families-only]
 """
 
 from __future__ import annotations
@@ -102,10 +102,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the first four shapes only")
     ap.add_argument("--no-families", action="store_true", help="skip the two-family table")
+    ap.add_argument("--families-only", action="store_true", help="only the two-family table")
     args = ap.parse_args()
+    if args.families_only:
+        import fusepass  # noqa: F401
+
+        return families("cuda")
     import fusepass  # noqa: F401
-    from fusepass.kernels import decode, forward
-    from fusepass.ops.dispatch import forward_call
 
     torch._dynamo.config.cache_size_limit = 256
     dev = "cuda"
@@ -147,24 +150,46 @@ def main() -> None:
         print(f"| {B} | {N} | {Hq_}/{Hkv} | {D} | {mask_kind} | {cell('fusepass')} | {cell('sdpa')} | {cell('flex')} | "
               f"{cell('sdpa compiled')} | {cell('fusepass graphs')} | {cell('sdpa graphs')} |")
 
-    if args.no_families:
-        return
-    # The two families on the same calls (launchers called directly, no compile): the crossover.
-    print("\nfusepass kernel families, B=8, Hq=32, Hkv=8, D=128, µs (decode / prefill)\n")
-    print("| M \\ N | " + " | ".join(str(n) for n in (256, 1024, 4096, 16384)) + " |")
-    print("|---|" + "---|" * 4)
-    for M in (1, 2, 4, 8, 16):
-        line = []
-        for N in (256, 1024, 4096, 16384):
-            q = torch.randn(8, 32, M, 128, device=dev, dtype=torch.bfloat16)
-            k, v = (torch.randn(8, 8, N, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
-            call = forward_call(q, k, v, [], [], None, 128 ** -0.5, 0.0, 0.0, -math.inf, "j <= i + (N - M)", [],
-                                "autotune=0")
-            a, _ = decode.attention_forward(call)
-            b, _ = forward.attention_forward(call)
-            assert (a.float() - b.float()).abs().max().item() < 2e-2
-            line.append(f"{us(lambda: decode.attention_forward(call)):.1f} / {us(lambda: forward.attention_forward(call)):.1f}")
-        print(f"| {M} | " + " | ".join(line) + " |", flush=True)
+    if not args.no_families:
+        families(dev)
+
+
+def graph_us(fn) -> float:
+    """GPU time of ``fn`` alone: replayed from a CUDA graph, so no host time is counted."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return us(g.replay)
+
+
+def families(dev: str) -> None:
+    """The two fusepass families on the same calls (launchers called directly, no compile): the
+    crossover of decode.MIN_KV_LEN, with the host's time per call (back to back) and without it
+    (CUDA-graph replay: what reduce-overhead pays)."""
+    from fusepass.kernels import decode, forward
+    from fusepass.ops.dispatch import forward_call
+
+    Ns = (256, 512, 1024, 2048, 4096)
+    print("\nfusepass kernel families, Hq=32, Hkv=8, D=128, bf16, µs (decode / prefill): "
+          "back to back (host included) | CUDA-graph replay (GPU only)\n")
+    print("| B | M | " + " | ".join(f"N={n}" for n in Ns) + " |")
+    print("|---|---|" + "---|" * len(Ns))
+    for B in (1, 8):
+        for M in (1, 4, 16):
+            line = []
+            for N in Ns:
+                q = torch.randn(B, 32, M, 128, device=dev, dtype=torch.bfloat16)
+                k, v = (torch.randn(B, 8, N, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+                call = forward_call(q, k, v, [], [], None, 128 ** -0.5, 0.0, 0.0, -math.inf, "j <= i + (N - M)", [],
+                                    "autotune=0")
+                a, _ = decode.attention_forward(call)
+                b, _ = forward.attention_forward(call)
+                assert (a.float() - b.float()).abs().max().item() < 2e-2
+                fd, fp = (lambda: decode.attention_forward(call)), (lambda: forward.attention_forward(call))
+                line.append(f"{us(fd):.1f} / {us(fp):.1f} \\| {graph_us(fd):.1f} / {graph_us(fp):.1f}")
+            print(f"| {B} | {M} | " + " | ".join(line) + " |", flush=True)
     from fusepass.kernels.launch_common import launches
 
     print(f"\nkernel launches: {dict(launches)}")

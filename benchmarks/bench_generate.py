@@ -8,8 +8,11 @@ Columns, each a fresh copy of the same weights:
 With a StaticCache, ``mode="reduce-overhead"`` (CUDA graphs) is a second row per variant.
 
 Tokens/s of the new tokens, median of ``--repeats`` generate() calls after one warm-up call
-(compiles excluded; the first call's time is printed), and whether the tokens equal eager's
-(fusepass's must; in bf16 a variant with other arithmetic, SDPA's, may legitimately differ).
+(compiles excluded; the first call's time is printed), and how many new tokens equal eager's
+before the first difference (the fewest over the batch's rows).  In fp32 fusepass's must all
+equal eager's (tests/test_generate.py asserts it); in bf16 with random weights every variant
+whose arithmetic differs from eager's (Inductor's as much as fusepass's or SDPA's) picks
+another token once two logits are within a rounding, and the sequences part there.
 
     PYTHONPATH=$PWD FUSEPASS_AUTOTUNE=0 python benchmarks/bench_generate.py            # H200 sizes
     PYTHONPATH=$PWD python benchmarks/bench_generate.py --tiny --device cpu             # smoke test
@@ -66,6 +69,13 @@ def run(model, ids, mask, gen_cfg, device):
     return out
 
 
+def agreeing_tokens(got, want, prompt: int) -> int:
+    """New tokens equal to eager's before the first difference, the fewest over the rows."""
+    differ = (got[:, prompt:] != want[:, prompt:]).int()
+    first = torch.where(differ.any(1), differ.argmax(1), torch.full_like(differ[:, 0], differ.shape[1]))
+    return int(first.min())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -104,7 +114,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     first = run(model, ids, mask, gen_cfg, device)
                     compile_s = time.perf_counter() - t0
-                    same = "yes" if torch.equal(first, want) else "no"
+                    same = f"{agreeing_tokens(first, want, args.prompt)}/{args.new_tokens}"
                     times = []
                     for _ in range(args.repeats):
                         t0 = time.perf_counter()
@@ -117,7 +127,7 @@ def main() -> None:
     print(f"\n{name}, torch {torch.__version__}, {args.dtype}, Llama hidden {args.hidden}, {args.layers} layers, "
           f"{args.heads}/{args.kv_heads} heads, prompt {args.prompt}, {args.new_tokens} new tokens; tokens/s "
           f"(first call s)\n")
-    print("| B | cache | mode | variant | tokens/s | tokens as eager | first call s |")
+    print("| B | cache | mode | variant | tokens/s | tokens as eager's | first call s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")

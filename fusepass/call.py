@@ -139,11 +139,12 @@ class AttentionCall:
 
     @_memo
     def structure(self) -> tuple:
-        """The signature without the key length and the strides that follow from it: what stays
-        the same while a KV cache grows by one key per decode step."""
-        tensors, *rest = self.signature
+        """The signature without what changes from one decode step to the next: the key length,
+        the strides that follow from it, and the values of the mask arguments (a predicate's
+        cache position, ``a0 >= j``, moves by one per step; only their count is kept)."""
+        tensors, n_biases, seeded, params, run = self.signature
         return (tensors[0], self.k.shape[:2], self.k.dtype, self.v_head_dim, tuple(t[2] for t in tensors[3:]),
-                *rest)
+                n_biases, seeded, (*params[:-1], len(self.mask_args)), run)
 
     def validate(self) -> None:
         key = self.signature

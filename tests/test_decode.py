@@ -110,7 +110,7 @@ def test_the_dispatcher_picks_the_family_by_shape(monkeypatch):
     assert decode.refusal(forward_call(q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])) is None
     long_q = torch.randn(1, 4, 40, 16)
     assert "query length" in decode.refusal(forward_call(long_q, k, v, [], [], None, 1.0, 0.0, 0.0, -math.inf, "", []))
-    monkeypatch.setattr(decode, "_last_kv_len", {})
+    monkeypatch.setattr(decode, "_last_step", {})
     short_k = forward_call(q, k[:, :, :100], v[:, :, :100], [], [], None, 1.0, 0.0, 0.0, -math.inf, "", [])
     assert "key length 100" in decode.refusal(short_k)
     assert decode.refusal(short_k) is not None  # the same length again: not growing
@@ -124,7 +124,7 @@ def test_a_growing_cache_below_the_floor_runs_the_decode_family(monkeypatch):
     from fusepass.ops.attention import fused_attention
 
     monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
-    monkeypatch.setattr(decode, "_last_kv_len", {})
+    monkeypatch.setattr(decode, "_last_step", {})
     q = torch.randn(1, 4, 1, 16)
     cache_k, cache_v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
     seen = []
@@ -197,7 +197,7 @@ def _counted_growers(monkeypatch) -> list:
 
     for table in ("_runners", "_growers"):
         monkeypatch.setattr(dispatch, table, {})
-    monkeypatch.setattr(decode, "_last_kv_len", {})
+    monkeypatch.setattr(decode, "_last_step", {})
     served = []
     real = decode.grower
 
@@ -209,19 +209,26 @@ def _counted_growers(monkeypatch) -> list:
     return served
 
 
-def _grow(q, k, v, pad, steps: int):
-    """K, V and the padding bias one key longer per call, as DynamicCache hands them over: each
-    call through dispatch.forward, checked against the decode family's full path (bitwise, from
-    the second length on: the first ran the prefill family, not yet a growing cache) and
-    against float64.  Returns the last K, V and bias."""
+def _grow(q, k, v, pad, steps: int, expr: str = CAUSAL, position=None):
+    """K, V and the padding bias one key longer per call, as DynamicCache hands them over (or, with
+    ``position``, a cache of fixed length whose predicate ``expr`` reads the step's position as
+    its mask argument, as StaticCache's steps do): each call through dispatch.forward, checked
+    against the decode family's full path (bitwise, from the second step on: the first ran the
+    prefill family, not yet a decode step) and against float64.  Returns the last K, V, bias
+    and features."""
     from fusepass.ops import dispatch
 
     B, Hkv, _, D = k.shape
     new = dict(device=q.device, dtype=q.dtype)
-    feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
     for step in range(steps):
-        k, v = torch.cat([k, torch.randn(B, Hkv, 1, D, **new)], 2), torch.cat([v, torch.randn(B, Hkv, 1, D, **new)], 2)
-        pad = torch.cat([pad, torch.zeros(B, 1, 1, 1, **new)], 3)
+        if position is None:
+            k = torch.cat([k, torch.randn(B, Hkv, 1, D, **new)], 2)
+            v = torch.cat([v, torch.randn(B, Hkv, 1, D, **new)], 2)
+            pad = torch.cat([pad, torch.zeros(B, 1, 1, 1, **new)], 3)
+            args = [k.shape[2] - 1] if "a0" in expr else []
+        else:
+            args = [position + step]
+        feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, expr, args)
         out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
         if step:
             want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
@@ -255,6 +262,30 @@ def test_a_growing_cache_is_served_by_one_grower_from_its_third_step(monkeypatch
     with pytest.raises(ValueError, match="disagree"):  # K and V of different lengths
         dispatch.forward(q, k, v[:, :, 1:], [pad], [], *feats)
     assert served == [32, 33, 34]
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_moving_cache_position_is_served_by_one_grower(monkeypatch, cache):
+    """transformers' decode steps read their causal mask as ``a0 >= j``, with the cache position
+    as the mask argument: it moves by one per step, with the cache (DynamicCache) or inside a
+    cache of fixed length (a StaticCache-like one: only the position moves).  A moving argument
+    must neither make a new decode plan per step nor keep the grower from binding: from the
+    third step on the grower serves, bitwise equal to the full path, with one decode plan."""
+    from fusepass.ops import dispatch
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_binds", lambda q: True)
+    monkeypatch.setattr(decode, "_plans", type(decode._plans)())
+    served = _counted_growers(monkeypatch)
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q = torch.randn(B, Hq, 1, D)
+    N = 29 if cache == "dynamic" else 40
+    k, v = torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
+    pad = torch.zeros(B, 1, 1, N)
+    pad[1, ..., :5] = torch.finfo(torch.float32).min
+    _grow(q, k, v, pad, 5, expr="a0 >= j", position=None if cache == "dynamic" else 20)
+    assert served == ([32, 33, 34] if cache == "dynamic" else [40, 40, 40])
+    assert len(decode._plans._plans) == 1
 
 
 @pytest.mark.gpu

@@ -219,9 +219,9 @@ def test_decode_fast_check_agrees_with_the_explained_rule():
         q = torch.randn(1, Hq, M, 8)
         k = torch.randn(1, Hkv, N, 8)
         call = forward_call(q, k, k, [], [], None, 0.3, 0.0, 0.0, float("-inf"), "", [], "")
-        decode._last_kv_len.clear()
+        decode._last_step.clear()
         serves = decode.serves(call)
-        decode._last_kv_len.clear()
+        decode._last_step.clear()
         assert serves == (decode.refusal(call) is None), (M, Hq, Hkv, N)
 
 

@@ -61,19 +61,23 @@ def packed_rows(call: AttentionCall) -> int:
     return call.groups * call.q_len
 
 
-# The key length of the last call of each structure (bounded: cleared when full).
-_last_kv_len: dict = {}
+# The key length and mask arguments of the last call of each structure (bounded: cleared when
+# full).
+_last_step: dict = {}
 _LAST_MAX = 1024
 
 
 def _growing(call: AttentionCall) -> bool:
-    """Whether the key length changed since the previous call of the same structure."""
+    """Whether the key length or the mask arguments (a predicate's cache position) changed since
+    the previous call of the same structure: a decode step after a decode step, of a growing
+    cache or of a static one whose position moves."""
     key = call.structure
-    last = _last_kv_len.get(key)
-    if len(_last_kv_len) >= _LAST_MAX:
-        _last_kv_len.clear()
-    _last_kv_len[key] = call.kv_len
-    return last is not None and last != call.kv_len
+    step = (call.kv_len, call.mask_args)
+    last = _last_step.get(key)
+    if len(_last_step) >= _LAST_MAX:
+        _last_step.clear()
+    _last_step[key] = step
+    return last is not None and last != step
 
 
 def serves(call: AttentionCall) -> bool:
@@ -188,21 +192,23 @@ def runner(call: AttentionCall) -> Optional[Callable]:
 
 
 def grower(call: AttentionCall) -> Callable:
-    """A function of (q, k, v, biases, masks, seed) for later calls of ``call``'s structure whose
-    key length (and the strides that follow from it) differs: a growing cache's next steps.  The
-    plan is bound once; each call only computes its length's splits, strides and scalars.  The
+    """A function of (q, k, v, biases, masks, seed, mask_args) for later calls of ``call``'s
+    structure whose key length (and the strides that follow from it) or mask arguments differ:
+    a cache's next steps.  The plan is bound once; each call only computes its length's splits,
+    strides and scalars (the kernels classify tiles from the mask arguments themselves).  The
     caller guarantees that such a call would validate as ``call`` did (ops/dispatch.growth_key)."""
     plan = _plans.get(plan_key(call, call.structure, None), lambda: _make_plan(call, None))
     fixed = _Fixed.of(call)
 
-    def run(q, k, v, biases, masks, seed):
-        return _launch(plan, _Launch.at(plan, fixed, q, k, v), q, k, v, biases, masks, seed)
+    def run(q, k, v, biases, masks, seed, mask_args):
+        return _launch(plan, _Launch.at(plan, fixed, q, k, v, tuple(mask_args)), q, k, v, biases, masks, seed)
 
     return run
 
 
 class _Fixed(NamedTuple):
-    """What a structure's launches read besides the tensors' key length and strides."""
+    """What a structure's launches read besides the tensors' key length and strides and the mask
+    arguments."""
 
     batch: int
     q_heads: int
@@ -214,12 +220,11 @@ class _Fixed(NamedTuple):
     softcap: float
     dropout_p: float
     mask_fill: float
-    mask_args: tuple
 
     @classmethod
     def of(cls, call: AttentionCall) -> "_Fixed":
         return cls(call.batch, call.q_heads, call.kv_heads, call.q_len, call.groups, call.v_head_dim, call.scale,
-                   call.softcap, call.dropout_p, call.mask_fill, call.mask_args)
+                   call.softcap, call.dropout_p, call.mask_fill)
 
 
 class _Launch(NamedTuple):
@@ -237,10 +242,10 @@ class _Launch(NamedTuple):
 
     @classmethod
     def of(cls, call: AttentionCall, plan: _Plan) -> "_Launch":
-        return cls.at(plan, _Fixed.of(call), call.q, call.k, call.v)
+        return cls.at(plan, _Fixed.of(call), call.q, call.k, call.v, call.mask_args)
 
     @classmethod
-    def at(cls, plan: _Plan, f: _Fixed, q: Tensor, k: Tensor, v: Tensor) -> "_Launch":
+    def at(cls, plan: _Plan, f: _Fixed, q: Tensor, k: Tensor, v: Tensor, mask_args: tuple) -> "_Launch":
         N = k.shape[2]
         splits, per_split = splits_for(N, plan.cfg)
         scalars = plan.scalars or scalar_args(plan.spec, f.scale, f.softcap, f.dropout_p, f.mask_fill, N)
@@ -249,7 +254,7 @@ class _Launch(NamedTuple):
         # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
         return cls((*q.stride(), *k.stride(), *v.stride(), Hq, f.groups, M, N, Hkv, splits, *scalars), per_split,
                    (splits, B * Hkv), (B * Hkv,), (B, Hq, M, Dv), (Hq * M * Dv, M * Dv, Dv, 1),
-                   B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), f.mask_args)
+                   B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), mask_args)
 
 
 def _launch(plan: _Plan, at: _Launch, q, k, v, biases, masks, seed) -> tuple[Tensor, Tensor]:

@@ -140,12 +140,14 @@ def _last_dim(t, N: int) -> tuple:
 
 def growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
                run) -> Optional[tuple]:
-    """runner_key without the key length and the strides of k, v, biases and masks (the kernels
-    take strides per call, and nothing validation or the decode plan reads depends on them):
-    equal for the steps of a cache that grows by one key per step.  Validation reads the key length only through the
-    "N or 1" rule for biases and masks, which "N" in the key stands for; so a call with the key
-    of a validated call validates too.  None when the length could be confused with a
-    broadcast axis (N < 2) or the call is not short queries without dropout."""
+    """runner_key without the key length, the strides of k, v, biases and masks, and the values
+    of the mask arguments (the kernels take all three per call, and nothing validation or the
+    decode plan reads depends on them): equal for the steps of a cache that grows by one key per
+    step, or whose predicate's position (``a0 >= j``) moves by one.  Validation reads the key
+    length only through the "N or 1" rule for biases and masks, which "N" in the key stands
+    for, and the mask arguments only by their count; so a call with the key of a validated call
+    validates too.  None when the length could be confused with a broadcast axis (N < 2) or the
+    call is not short queries without dropout."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None  # validation says what is wrong
     N = k.shape[2]
@@ -156,13 +158,13 @@ def growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fil
             tuple([(_last_dim(t, N), t.dtype, t.device) for t in biases]) if biases else (),
             tuple([(_last_dim(t, N), t.dtype, t.device) for t in masks]) if masks else (),
             None if seed is None else (seed.shape, seed.dtype),
-            scale, softcap, dropout_p, mask_fill, mask_expr, tuple(mask_args), run,
+            scale, softcap, dropout_p, mask_fill, mask_expr, len(mask_args), run,
             fp32_dot_precision() if q.dtype == torch.float32 else None)
 
 
 # Growers (decode.grower) by growth_key, with the same markers: bound when a structure is seen
-# with a second key length, so a cache growing by one key per step (a new runner_key each step)
-# skips building and validating the call from its third step on.
+# a second time with another key length or other mask arguments, so a decode step (a new
+# runner_key each step) skips building and validating the call from the third step on.
 _growers: dict = {}
 
 
@@ -197,7 +199,7 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
                               mask_args, run)
             grown = _growers.get(gkey) if gkey is not None else None
             if grown is not None and grown is not _SEEN and grown is not _UNBOUND:
-                return grown(q, k, v, biases, masks, seed)
+                return grown(q, k, v, biases, masks, seed, mask_args)
     call = forward_call(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
     if call.run.context_parallel:  # a ring over the sequence's ranks, each chunk pair run as any call
         from fusepass.parallel import ring
