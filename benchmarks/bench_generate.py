@@ -51,19 +51,44 @@ def prompts(args, batch: int, device):
     return ids.to(device), mask.to(device)
 
 
-def generation(args, cache: str):
+def generation(args):
     import transformers
 
     return transformers.GenerationConfig(
         do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
-        bos_token_id=1, eos_token_id=None, cache_implementation="static" if cache == "static" else None,
-        disable_compile=True,
+        bos_token_id=1, eos_token_id=None, disable_compile=True,
     )
 
 
-def run(model, ids, mask, gen_cfg, device):
+def stepped(forward):
+    """``forward`` under ``mode="reduce-overhead"``: each call starts a new CUDA-graph step (the
+    previous step's outputs, already consumed by generate(), may be overwritten)."""
+    def step(*a, **kw):
+        torch.compiler.cudagraph_mark_step_begin()
+        return forward(*a, **kw)
+
+    return step
+
+
+def static_cache(model, args, batch: int):
+    """A StaticCache whose buffers exist before the compiled forward first runs: made inside it,
+    they would be CUDA-graph outputs (overwritten by the next replay) without a static address
+    (Inductor then skips CUDA graphs for the "mutated inputs")."""
+    import transformers
+
+    p = next(model.parameters())
+    cache = transformers.StaticCache(config=model.config, max_cache_len=args.prompt + args.new_tokens)
+    cache.early_initialization(batch, args.kv_heads, args.hidden // args.heads, p.dtype, p.device)
+    return cache
+
+
+def run(model, ids, mask, gen_cfg, device, cache=None):
+    """One greedy generate(); ``cache``: a StaticCache, emptied first (its buffers keep their
+    addresses), or None for a DynamicCache."""
+    if cache is not None:
+        cache.reset()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, past_key_values=cache)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out
@@ -85,6 +110,8 @@ def main() -> None:
     ap.add_argument("--caches", default="dynamic,static")
     ap.add_argument("--variants", default="fusepass,inductor,sdpa")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="default,reduce-overhead",
+                    help="torch.compile modes (reduce-overhead: StaticCache on CUDA only)")
     args = ap.parse_args()
     big = dict(hidden=2048, layers=8, heads=32, kv_heads=8, vocab=32000, prompt=2048, new_tokens=256)
     tiny = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=128, prompt=16, new_tokens=8)
@@ -100,9 +127,11 @@ def main() -> None:
     for batch in map(int, args.batches.split(",")):
         ids, mask = prompts(args, batch, device)
         for cache in args.caches.split(","):
-            gen_cfg = generation(args, cache)
-            want = run(base["eager"], ids, mask, gen_cfg, device)
-            modes = [None] + (["reduce-overhead"] if cache == "static" and device.type == "cuda" else [])
+            gen_cfg = generation(args)
+            kv = (lambda m: static_cache(m, args, batch)) if cache == "static" else (lambda m: None)
+            want = run(base["eager"], ids, mask, gen_cfg, device, kv(base["eager"]))
+            modes = [None if m == "default" else m for m in args.modes.split(",")
+                     if m == "default" or (cache == "static" and device.type == "cuda")]
             for mode in modes:
                 for variant in args.variants.split(","):
                     model = copy.deepcopy(base["sdpa" if variant == "sdpa" else "eager"])
@@ -111,14 +140,17 @@ def main() -> None:
                         kw["mode"] = mode
                     torch._dynamo.reset()
                     model.forward = torch.compile(model.forward, **kw)
+                    if mode == "reduce-overhead":
+                        model.forward = stepped(model.forward)
+                    model_cache = kv(model)
                     t0 = time.perf_counter()
-                    first = run(model, ids, mask, gen_cfg, device)
+                    first = run(model, ids, mask, gen_cfg, device, model_cache)
                     compile_s = time.perf_counter() - t0
                     same = f"{agreeing_tokens(first, want, args.prompt)}/{args.new_tokens}"
                     times = []
                     for _ in range(args.repeats):
                         t0 = time.perf_counter()
-                        run(model, ids, mask, gen_cfg, device)
+                        run(model, ids, mask, gen_cfg, device, model_cache)
                         times.append(time.perf_counter() - t0)
                     cell = f"{batch * args.new_tokens / statistics.median(times):.0f}"
                     rows.append((batch, cache, mode or "default", variant, cell, same, f"{compile_s:.0f}"))
