@@ -156,7 +156,88 @@ def test_explain_names_the_family():
     torch._dynamo.reset()
     q = torch.randn(1, 2, 1, 16)
     report = fusepass.explain(attention, q, k[:, :, :100], v[:, :, :100], options={"inner": "aot_eager", "interpret": True})
-    assert report.sites[0].runs_on.endswith("key length 100 < 4096, and not a growing cache)")
+    assert report.sites[0].runs_on.endswith("key length 100 < 4096 (1024 under CUDA graphs), and not a growing cache)")
+
+
+def test_a_captured_call_takes_the_decode_family_from_the_lower_floor(monkeypatch):
+    """Under CUDA-graph capture only GPU time repeats, and there the decode family wins from
+    MIN_KV_LEN_CAPTURED keys.  A kernel cannot be loaded while a stream captures, so: the first
+    uncaptured call of a signature between the two floors runs the decode family (what a
+    capture's warm-up call loads), later uncaptured ones the prefill kernel, captured ones the
+    decode family; a signature captured before any uncaptured call, and lengths below the
+    floor, stay with the prefill kernel.  A runner bound in one state does not serve the other
+    (the capture state is in its key)."""
+    from fusepass.ops import dispatch
+    from fusepass.ops.attention import fused_attention
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    monkeypatch.setattr(decode, "_last_step", {})
+    monkeypatch.setattr(decode, "_ran_uncaptured", {})
+    captured = [False]
+    monkeypatch.setattr(decode, "capturing", lambda q: captured[0])
+    q = torch.randn(1, 4, 1, 16)
+    N = decode.MIN_KV_LEN_CAPTURED
+    k, v = torch.randn(1, 2, 2 * N, 16), torch.randn(1, 2, 2 * N, 16)
+    feats = ([], [], None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
+
+    def family(n, heads=2):
+        qh, kh, vh = q[:, : 2 * heads], k[:, :heads, :n], v[:, :heads, :n]
+        before = launch_common.launches["decode"]
+        out = fused_attention(qh, kh, vh, mask_expr=CAUSAL)
+        ref, _ = dense_attention(qh.double(), kh.double(), vh.double(), *feats)
+        eager, _ = dense_attention(qh, kh, vh, *feats)
+        assert_close_to_reference(out, eager, ref, name=f"N={n} captured={captured[0]}")
+        return "decode" if launch_common.launches["decode"] > before else "prefill"
+
+    assert [family(N) for _ in range(3)] == ["decode", "prefill", "prefill"]
+    assert "1024 under CUDA graphs" in decode.refusal(forward_call(q, k[:, :, :N], v[:, :, :N], *feats))
+    captured[0] = True
+    assert [family(N) for _ in range(2)] == ["decode", "decode"]
+    assert decode.refusal(forward_call(q, k[:, :, :N], v[:, :, :N], *feats)) is None
+    # Another structure (one key/value head), captured first: its decode kernels were never loaded.
+    assert [family(N, heads=1) for _ in range(2)] == ["prefill", "prefill"]
+    keys = []
+    for state in (False, True):
+        captured[0] = state
+        keys.append(dispatch.runner_key(q, k, v, *feats[:2], None, *feats[3:], ""))
+    assert keys[0] != keys[1]
+
+
+@pytest.mark.gpu
+def test_gpu_a_captured_static_cache_runs_the_decode_family(monkeypatch):
+    """On CUDA: a static cache of 2048 keys runs the decode family on its first uncaptured call
+    (loading its kernels), the prefill kernel on the next, and the decode family again when
+    captured into a CUDA graph; every output matches float64."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from fusepass.ops import dispatch
+    from fusepass.ops.attention import fused_attention
+
+    for table in ("_runners", "_growers"):
+        monkeypatch.setattr(dispatch, table, {})
+    monkeypatch.setattr(decode, "_last_step", {})
+    monkeypatch.setattr(decode, "_ran_uncaptured", {})
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(2, 8, 1, 128, device=dev, dtype=dt)
+    k, v = (torch.randn(2, 2, 2048, 128, device=dev, dtype=dt) for _ in range(2))
+    feats = ([], [], None, 128 ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
+    ref, _ = dense_attention(q.double(), k.double(), v.double(), *feats)
+    eager, _ = dense_attention(q, k, v, *feats)
+    seen = []
+    for captured in (False, False, True):
+        before = dict(launch_common.launches)
+        if captured:
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fused_attention(q, k, v, mask_expr=CAUSAL)
+            graph.replay()
+            torch.cuda.synchronize()
+        else:
+            out = fused_attention(q, k, v, mask_expr=CAUSAL)
+        seen.append("decode" if launch_common.launches["decode"] > before.get("decode", 0) else "prefill")
+        assert_close_to_reference(out, eager, ref, name=f"call {len(seen)}")
+    assert seen == ["decode", "prefill", "decode"]
 
 
 def test_split_count_follows_the_sms_and_the_key_length(monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fusepass.kernels import launcher
+from fusepass.kernels import decode, launcher
 
 
 def attention(q, k, v):
@@ -194,6 +194,20 @@ def test_a_fixed_tail_is_keyed_once_and_still_checked_when_it_changes(runtime):
     assert jit.log[-1][0] == "jit" and jit.log[-1][2][2] == 1
 
 
+def test_two_launchers_given_one_tail_key_it_once(runtime, monkeypatch):
+    """The decode step's two kernels take one tail, built anew per step of a growing cache."""
+    keyed = []
+    real = launcher.arg_key
+    monkeypatch.setattr(launcher, "arg_key", lambda args: keyed.append(args) or real(args))
+    split, combine = (launcher.Launcher(_Jit(), {"BLOCK": 64}, num_warps=4, num_stages=2) for _ in range(2))
+    for n in (16, 17, 32):
+        tail = (n,)
+        split((1,), _Ptr(4096), _Ptr(8192), tail=tail)
+        combine((1,), _Ptr(4096), _Ptr(8192), tail=tail)
+        assert sum(k is tail for k in keyed) == 1
+    assert launcher.arg_key((17,)) != launcher.arg_key((32,))
+
+
 def test_launcher_without_the_compiled_interface_stays_on_triton(runtime):
     jit = _Jit(compiled=False)
     launch = launcher.Launcher(jit, {"BLOCK": 64}, num_warps=4, num_stages=2)
@@ -212,7 +226,6 @@ def test_launcher_trailing_values_follow_the_kernel_signature():
 
 
 def test_decode_fast_check_agrees_with_the_explained_rule():
-    from fusepass.kernels import decode
     from fusepass.ops.dispatch import forward_call
 
     for M, Hq, Hkv, N in [(1, 8, 2, 5000), (1, 8, 2, 100), (17, 4, 4, 8192), (16, 8, 1, 8192), (4, 8, 8, 4096)]:
@@ -271,6 +284,7 @@ def test_a_runner_is_bound_on_a_signature_s_second_call_and_then_serves_it(monke
 
     monkeypatch.setattr(dispatch, "_runner_for", runner_for)
     monkeypatch.setattr(dispatch, "_runners", {})
+    monkeypatch.setattr(decode, "capturing", lambda q: False)  # no CUDA to ask
     q = torch.randn(1, 2, 8, 16).as_subclass(Cuda)
     for _ in range(4):
         dispatch.forward(*_op_args(q, q, q))

@@ -44,6 +44,12 @@ from .spec import KernelSpec
 MAX_QUERY_LEN = 16
 MAX_PACKED_ROWS = 64
 MIN_KV_LEN = 4096
+# Under CUDA-graph capture (mode="reduce-overhead") a call's host time is paid once, when it is
+# captured, and only its GPU time repeats.  NOTE: H200, bf16, Hq=32, Hkv=8, D=128 (bench_decode.py
+# --families-only, CUDA-graph replay; RESULTS.md, eighth session): the decode family's GPU time
+# is below the prefill kernel's at every B in {1, 8}, M in {1, 4, 16} from N = 1024 on (1.2-2.3x
+# there, 3.0-3.6x at 4096); at N <= 512 the prefill kernel wins B=1 M=16 by 2-3 us.
+MIN_KV_LEN_CAPTURED = 1024
 # Splits: about one program per SM, or two when there are few (batch, key/value head) pairs,
 # each program walking at least MIN_TILES_PER_SPLIT tiles.  NOTE: benchmarks/sweep_decode.py on
 # the H200 (bf16, M=1, Hq=32, D=128; RESULTS.md, 2026-12-02 fourth session): one program per SM
@@ -80,6 +86,36 @@ def _growing(call: AttentionCall) -> bool:
     return last is not None and last != step
 
 
+def capturing(q: Tensor) -> bool:
+    """Whether ``q``'s call is being captured into a CUDA graph (its host time is then paid once)."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+# Signatures whose decode kernels ran outside a capture (bounded).  A kernel Triton has not yet
+# loaded cannot be loaded while a stream captures (cuModuleLoadData is not permitted then), so a
+# captured call takes the decode family only when an uncaptured call of its signature ran it
+# first: the first uncaptured call of a signature between the two floors runs the decode family
+# (later ones the prefill kernel, cheaper on the host), and that is the call a capture's warm-up
+# makes (mode="reduce-overhead" runs each graph once before recording it).
+_ran_uncaptured: dict = {}
+
+
+def captured_serves(call: AttentionCall) -> bool:
+    """Whether ``call`` is captured and its signature's decode kernels are loaded."""
+    return capturing(call.q) and call.signature in _ran_uncaptured
+
+
+def _warm_up(call: AttentionCall) -> bool:
+    """Record that ``call``'s signature runs the decode family now, outside a capture, if it
+    never did: True the first time."""
+    if call.signature in _ran_uncaptured:
+        return False
+    if len(_ran_uncaptured) >= _LAST_MAX:
+        _ran_uncaptured.clear()
+    _ran_uncaptured[call.signature] = True
+    return True
+
+
 def serves(call: AttentionCall) -> bool:
     """Whether the decode family serves ``call`` (``refusal(call) is None``, without building
     the reason: this runs on every call)."""
@@ -88,22 +124,37 @@ def serves(call: AttentionCall) -> bool:
         return False
     # Long caches first: they are served whatever the previous length was, without the
     # structure key and its dict (host time a decode step pays per layer).
-    return call.kv_len >= MIN_KV_LEN or _growing(call)
+    N = call.kv_len
+    if N >= MIN_KV_LEN:
+        return True
+    if N >= MIN_KV_LEN_CAPTURED:
+        if capturing(call.q):
+            if call.signature in _ran_uncaptured:
+                return True
+        elif _warm_up(call):
+            return True
+    return _growing(call)
 
 
 def refusal(call: AttentionCall) -> Optional[str]:
     """None when the decode family serves ``call``, else why the prefill kernel runs it."""
-    return None if serves(call) else refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p)
+    if serves(call):
+        return None
+    return refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, captured=captured_serves(call))
 
 
-def refusal_for(q_len: int, groups: int, kv_len: int, dropout_p: float, *, growing: bool = False) -> Optional[str]:
-    """The rule on sizes alone (explain reads it at compile time, where ``growing`` is unknown)."""
+def refusal_for(q_len: int, groups: int, kv_len: int, dropout_p: float, *, growing: bool = False,
+                captured: bool = False) -> Optional[str]:
+    """The rule on sizes alone (explain reads it at compile time, where ``growing`` and
+    ``captured`` are unknown).  ``captured``: captured, with the decode kernels loaded."""
     if q_len > MAX_QUERY_LEN:
         return f"query length {q_len} > {MAX_QUERY_LEN}"
     if groups * q_len > MAX_PACKED_ROWS:
         return f"{groups} query heads per key/value head x {q_len} positions > {MAX_PACKED_ROWS} rows"
-    if kv_len < MIN_KV_LEN and not growing:
-        return f"key length {kv_len} < {MIN_KV_LEN}, and not a growing cache"
+    floor = MIN_KV_LEN_CAPTURED if captured else MIN_KV_LEN
+    if kv_len < floor and not growing:
+        return (f"key length {kv_len} < {floor}" + ("" if captured else f" ({MIN_KV_LEN_CAPTURED} under CUDA graphs)")
+                + ", and not a growing cache")
     if dropout_p > 0:
         return "dropout (training)"
     return None

@@ -87,6 +87,21 @@ def arg_key(args) -> tuple:
         for a in args])
 
 
+_last_tail: tuple = (None, ())  # the tail keyed last by any launcher, and its key (one object: threads)
+
+
+def _tail_key(tail) -> tuple:
+    """arg_key of ``tail``, shared between launchers: the two decode kernels of one step take
+    the same tail object, built anew each step of a growing cache."""
+    global _last_tail
+    last = _last_tail
+    if last[0] is tail:
+        return last[1]
+    key = arg_key(tail)
+    _last_tail = (tail, key)
+    return key
+
+
 class Launcher:
     """One rendered kernel of one launch plan, with its constexprs and launch options."""
 
@@ -111,7 +126,7 @@ class Launcher:
             if _unset(runtime.launch_enter_hook) and _unset(runtime.launch_exit_hook):
                 device = current_device()
                 if tail is not self._tail:
-                    self._tail, self._tail_key = tail, arg_key(tail)
+                    self._tail, self._tail_key = tail, _tail_key(tail)
                 key = (device, arg_key(args), self._tail_key)
                 hit = self._kernels.get(key)
                 if hit is not None:

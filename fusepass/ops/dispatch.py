@@ -108,14 +108,16 @@ _runners: dict = {}
 
 def runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run) -> tuple:
     """Everything a call's validation and path depend on, read from the op's arguments as they
-    come (AttentionCall.signature's content, and the TF32 setting an fp32 plan reads)."""
+    come (AttentionCall.signature's content, the TF32 setting an fp32 plan reads, and for short
+    queries whether a CUDA graph is capturing the call: the family rule reads it)."""
     return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
             q.device, k.device, v.device,
             tuple([(t.shape, t.stride(), t.dtype, t.device) for t in biases]) if biases else (),
             tuple([(t.shape, t.stride(), t.dtype, t.device) for t in masks]) if masks else (),
             None if seed is None else (seed.shape, seed.dtype),
             scale, softcap, dropout_p, mask_fill, mask_expr, tuple(mask_args), run,
-            fp32_dot_precision() if q.dtype == torch.float32 else None)
+            fp32_dot_precision() if q.dtype == torch.float32 else None,
+            q.dim() == 4 and q.shape[2] <= decode.MAX_QUERY_LEN and decode.capturing(q))
 
 
 def _runner_for(call: AttentionCall):
@@ -125,7 +127,8 @@ def _runner_for(call: AttentionCall):
     a signature seen twice is not a growing cache, and either family computes the op exactly."""
     if call.run.context_parallel or call.run.fp8 or kernel_reason(call) is not None:
         return None  # fp8: the guard's decision and the quantization are per call
-    if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p) is None:
+    if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p,
+                          captured=decode.captured_serves(call)) is None:
         return decode.runner(call)
     return prefill.runner(call, tuning.kernel_config_provider)
 
