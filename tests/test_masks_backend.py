@@ -650,6 +650,34 @@ def test_additive_masks_with_hidden_rows(form, shape, grad, op_run, inner_graphs
     assert (classify.describe(mask_expr) if mask_expr else "") == name, mask_expr
 
 
+def padding_expanded(q, k, v, am):
+    # BERT's eager mask: the key-padding vector expanded to [B, 1, M, N] before the where()
+    s = _scores(q, k)
+    keep = _padded(am).expand(-1, 1, q.size(-2), -1)
+    return _finish(s + _additive(keep, s), v)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+def test_an_expanded_padding_mask_reaches_the_op_as_a_key_vector(grad, op_run, inner_graphs):
+    """A key-padding mask the code expands to [B, 1, M, N] is a [B, 1, 1, N] vector.  Training
+    keeps it additive (a fully padded batch: eager's gradients through s + min), and the op
+    takes where(padding, 0, min) on the vector's shape; inference lifts it to the bool vector.
+    Either way nothing [M, N] is built any more, and the numbers are eager's."""
+    M, N = 40, 36
+    q, k, v = qkv(M, N)
+    am = _padding_with_hidden_rows(N)
+    check_site(padding_expanded, [q, k, v, am], (0, 1, 2) if grad else (), op_run, "padding_expanded")
+    gm = inner_graphs[-1]
+    (call,) = attention_calls(gm)
+    biases, masks = call.args[3], call.args[4]
+    assert len(biases) + len(masks) == 1, (biases, masks)
+    if grad:
+        (bias,) = biases
+        assert bias.target == "to" and bias.args[0].target is torch.where, bias.format_node()
+    mn = [n for n in gm.graph.nodes if (_shape(n) or ())[-2:] == (M, N)]
+    assert not mn, [n.format_node() for n in mn]
+
+
 def test_additive_masks_hidden_twice_average_the_keys_hidden_once():
     """The fixture's point, on eager alone: a row hidden by both masks averages only the keys
     hidden by exactly one (here the causal keys of an all-padding batch), NaN if there are none."""

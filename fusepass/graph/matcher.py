@@ -33,6 +33,16 @@ MAX_WALK = 32
 class Bias:
     node: fx.Node
     coeff: float
+    # An additive mask kept as a tensor whose value is where(AND of these bool tensors, 0, fill),
+    # with no position part (graph/predicates.compact): the op takes that where() on the masks'
+    # own, smaller shape (a key-padding mask as [B, 1, 1, N], not [B, 1, M, N]).
+    compact: Optional[tuple[tuple[tuple[fx.Node, bool], ...], float]] = None
+
+    def shape(self) -> tuple:
+        """The shape the op receives: the compact form's broadcast shape, else the node's."""
+        if self.compact is None:
+            return tuple(nodes.fake(self.node).shape)
+        return tuple(torch.broadcast_shapes(*(nodes.fake(n).shape for n, _ in self.compact[0])))
 
 
 @dataclasses.dataclass

@@ -172,6 +172,9 @@ def lift(match: Match, scores_shape: Sequence[Any], example_inputs: Sequence[Any
     for b, reading in lifted:
         take(reading)
     lifted_nodes = {id(b) for b, _ in lifted}
+    for b, reading in candidates:
+        if id(b) not in lifted_nodes:
+            compact(b, reading)
     biases = [b for b in match.biases if id(b) not in lifted_nodes]
     if not exprs and len(masks) == len(match.masks) and len(biases) == len(match.biases):
         return
@@ -182,6 +185,30 @@ def lift(match: Match, scores_shape: Sequence[Any], example_inputs: Sequence[Any
     match.mask_args = args
     match.guards = guards
     log.debug("mask read as %r with %d data mask(s)", match.mask_expr, len(masks))
+
+
+def compact(b: Bias, reading) -> None:
+    """An additive mask kept as a tensor (rows may be fully hidden), read as data masks only:
+    its value is where(AND of the data masks, 0, fill) exactly (reader: every entry is 0 or the
+    one fill), so the op may take that where() on the masks' own shape, e.g. a key-padding mask
+    as [B, 1, 1, N] instead of the [B, 1, M, N] tensor the code materialized.  Not when a
+    position part, arguments or guards come with it, or nothing would be smaller."""
+    if reading.expr or reading.args or reading.guards or not reading.data_masks or reading.fill is None:
+        return
+    fakes = [nodes.fake(n) for n, _ in reading.data_masks]
+    if any(f is None for f in fakes):
+        return
+    try:
+        small = torch.broadcast_shapes(*(f.shape for f in fakes))
+        full = nodes.fake(b.node).shape
+        if len(small) > len(full) or math.prod(hint(s) for s in small) >= math.prod(hint(s) for s in full):
+            return
+    except Exception as e:  # symbolic sizes it cannot compare: keep the tensor as written
+        log.debug("additive mask %s kept whole: %s", b.node.name, e)
+        return
+    b.compact = (tuple(reading.data_masks), float(reading.fill))
+    log.debug("additive mask kept as tensor %s taken as where(data masks, 0, %g) of shape %s", b.node.name,
+              reading.fill, tuple(small))
 
 
 # fp16 spacing reaches 2 at 2048: a fill this large absorbs the scores' fractions in eager's sum.

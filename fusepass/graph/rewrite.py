@@ -59,6 +59,18 @@ def _to_rank4(graph: fx.Graph, node: fx.Node, rank: int, ndim: int) -> fx.Node:
     return node
 
 
+def _compact(graph: fx.Graph, b) -> fx.Node:
+    """where(AND of the data masks, 0, fill) in the bias's dtype, on the masks' own shape
+    (Bias.compact): the same values as the tensor the code built, broadcast."""
+    masks, fill = b.compact
+    keep = None
+    for node, invert in masks:
+        node = graph.call_function(torch.logical_not if invert else torch.ne, (node,) if invert else (node, 0))
+        keep = node if keep is None else graph.call_function(torch.logical_and, (keep, node))
+    value = graph.call_function(torch.where, (keep, 0.0, fill))
+    return graph.call_method("to", (value, nodes.fake(b.node).dtype))
+
+
 def _operand(graph: fx.Graph, op: Operand, rank: int) -> fx.Node:
     node = op.node
     if op.perm is not None:
@@ -137,7 +149,7 @@ def describe(m: Match, location: str) -> AttentionSpec:
         layout=LAYOUTS[m.scores_rank], q_shape=qs, k_shape=ks, v_shape=vs,
         dtype=str(q_ev.dtype).replace("torch.", ""), device=q_ev.device.type,
         scale=m.scale * math.prod(f.hint() for f in m.symbolic_scale), softcap=m.softcap, dropout_p=m.dropout_p, gqa_groups=groups, gqa_source=source,
-        bias_shapes=tuple(tuple(nodes.fake(b.node).shape) for b in m.biases),
+        bias_shapes=tuple(b.shape() for b in m.biases),
         # Dynamo compiles under the grad mode it traced in: under no_grad no bias gets a gradient.
         bias_requires_grad=tuple(bool(nodes.fake(b.node).requires_grad) and torch.is_grad_enabled() for b in m.biases),
         mask=predicates.description(m), mask_fill=m.mask_fill,
@@ -176,7 +188,7 @@ def rewrite(gm: fx.GraphModule, m: Match, expand: tuple[bool, bool, bool], repla
             v = graph.call_method("expand", (v, -1, graph.call_method("size", (k, 1)), -1, -1))
         biases = []
         for b in m.biases:
-            node = _to_rank4(graph, b.node, rank, nodes.fake(b.node).dim())
+            node = _to_rank4(graph, _compact(graph, b) if b.compact else b.node, rank, len(b.shape()))
             if b.coeff != 1.0:
                 node = graph.call_function(operator.mul, (node, b.coeff))
             biases.append(node)
