@@ -120,7 +120,8 @@ def test_the_dispatcher_picks_the_family_by_shape(monkeypatch):
 
 def test_a_growing_cache_below_the_floor_runs_the_decode_family(monkeypatch):
     """Decode steps add a key per call: below MIN_KV_LEN the first call runs the prefill kernel,
-    the next (a longer cache, same structure) the decode family; a repeated length stays."""
+    the next (a longer cache, same structure) the decode family, and so does a repeated length
+    from then on (the next layer's call of the same step)."""
     from fusepass.ops.attention import fused_attention
 
     monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
@@ -136,7 +137,7 @@ def test_a_growing_cache_below_the_floor_runs_the_decode_family(monkeypatch):
         ref, _ = dense_attention(q.double(), k.double(), v.double(), [], [], None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
         eager, _ = dense_attention(q, k, v, [], [], None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
         assert_close_to_reference(out, eager, ref, name=f"N={N}")
-    assert seen == ["prefill", "decode", "decode", "prefill"]
+    assert seen == ["prefill", "decode", "decode", "decode"]
 
 
 def test_explain_names_the_family():
@@ -290,12 +291,13 @@ def _counted_growers(monkeypatch) -> list:
     return served
 
 
-def _grow(q, k, v, pad, steps: int, expr: str = CAUSAL, position=None):
+def _grow(q, k, v, pad, steps: int, expr: str = CAUSAL, position=None, layers: int = 1):
     """K, V and the padding bias one key longer per call, as DynamicCache hands them over (or, with
     ``position``, a cache of fixed length whose predicate ``expr`` reads the step's position as
     its mask argument, as StaticCache's steps do): each call through dispatch.forward, checked
     against the decode family's full path (bitwise, from the second step on: the first ran the
-    prefill family, not yet a decode step) and against float64.  Returns the last K, V, bias
+    prefill family, not yet a decode step) and against float64.  ``layers``: calls per step,
+    as the layers of a model make them (one signature, L times).  Returns the last K, V, bias
     and features."""
     from fusepass.ops import dispatch
 
@@ -310,7 +312,8 @@ def _grow(q, k, v, pad, steps: int, expr: str = CAUSAL, position=None):
         else:
             args = [position + step]
         feats = (None, D ** -0.5, 0.0, 0.0, -math.inf, expr, args)
-        out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
+        for _ in range(layers):
+            out, lse = dispatch.forward(q, k, v, [pad], [], *feats)
         if step:
             want = decode.attention_forward(forward_call(q, k, v, [pad], [], *feats))
             assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), f"step {step}"
@@ -345,13 +348,16 @@ def test_a_growing_cache_is_served_by_one_grower_from_its_third_step(monkeypatch
     assert served == [32, 33, 34]
 
 
+@pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_a_moving_cache_position_is_served_by_one_grower(monkeypatch, cache):
+def test_a_moving_cache_position_is_served_by_one_grower(monkeypatch, cache, layers):
     """transformers' decode steps read their causal mask as ``a0 >= j``, with the cache position
     as the mask argument: it moves by one per step, with the cache (DynamicCache) or inside a
     cache of fixed length (a StaticCache-like one: only the position moves).  A moving argument
     must neither make a new decode plan per step nor keep the grower from binding: from the
-    third step on the grower serves, bitwise equal to the full path, with one decode plan."""
+    third step on the grower serves, bitwise equal to the full path, with one decode plan.
+    With two layers, the second layer's call of each step has the first's signature: the
+    grower serves it too (from the second step on), not a runner bound to that one step."""
     from fusepass.ops import dispatch
 
     monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
@@ -364,8 +370,9 @@ def test_a_moving_cache_position_is_served_by_one_grower(monkeypatch, cache):
     k, v = torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
     pad = torch.zeros(B, 1, 1, N)
     pad[1, ..., :5] = torch.finfo(torch.float32).min
-    _grow(q, k, v, pad, 5, expr="a0 >= j", position=None if cache == "dynamic" else 20)
-    assert served == ([32, 33, 34] if cache == "dynamic" else [40, 40, 40])
+    _grow(q, k, v, pad, 5, expr="a0 >= j", position=None if cache == "dynamic" else 20, layers=layers)
+    lengths = [31, 32, 33, 34] if cache == "dynamic" else [40] * 4
+    assert served == (lengths[1:] if layers == 1 else [n for n in lengths for _ in range(layers)])
     assert len(decode._plans._plans) == 1
 
 

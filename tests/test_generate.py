@@ -76,11 +76,15 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor, prompt_len: int) -> str:
 
 
 def check_generate(name: str, cache: str, sizes: Sizes, device: str, dtype: torch.dtype, options: dict, *,
-                   exact_tokens: bool, kernel_calls: Counter = None, decode_family: bool = False) -> None:
+                   exact_tokens: bool, kernel_calls: Counter = None, decode_family: bool = False,
+                   decode_steps_grow: bool = False) -> None:
     """The whole check for one model and cache (see the module docstring).
 
     ``exact_tokens``: tokens must equal eager's; the logits rule applies either way.
     ``decode_family``: the decode steps must run the split-KV decode kernels (counted).
+    ``decode_steps_grow``: below the family's floor, the decode steps of the second generate()
+    are still served by it, as a cache whose length and mask arguments move by one per step,
+    and plan nothing new (one decode plan per structure, however many steps).
     ``kernel_calls``: test_models_gpu's counter of kernel launches (``LaunchCounter``), to require that every
     fused call ran the Triton forward kernel (None: not checked).
     """
@@ -110,6 +114,9 @@ def check_generate(name: str, cache: str, sizes: Sizes, device: str, dtype: torc
     calls = ForwardCalls(model)
     if kernel_calls is not None:
         kernel_calls.clear()
+    from fusepass.kernels import decode
+
+    decode_plans = len(decode._plans._plans)
     try:
         with count_op_calls() as ops:
             got = generate(model, *prompts[1], sizes, cache)
@@ -140,8 +147,10 @@ def check_generate(name: str, cache: str, sizes: Sizes, device: str, dtype: torc
         # Every fused call launched the Triton forward kernel; none ran the PyTorch reference.
         counts = kernel_calls.counts()
         assert counts["fwd"] + counts["decode"] == ops[FUSED_OP] and set(counts) <= {"fwd", "decode"}, dict(counts)
-        if decode_family:  # every decode step (the prompt too, when short enough)
+        if decode_family or decode_steps_grow:  # every decode step (the prompt too, when short enough)
             assert counts["decode"] >= sizes.layers * (sizes.new_tokens - 1), dict(counts)
+    if decode_steps_grow:
+        assert len(decode._plans._plans) == decode_plans, "the second generate() planned decode launches again"
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -164,11 +173,12 @@ def interpreted_kernels():
 
 def test_generate_through_the_triton_kernels_on_cpu(interpreted_kernels, kernel_calls):
     """The GPU tests' path on CPU: the fused op runs the generated Triton kernels (in Triton's
-    interpreter) for the left-padded prefill and every decode step.  8 new tokens, not 16: each
-    interpreted launch takes ~0.7 s."""
+    interpreter) for the left-padded prefill and every decode step, the decode steps in the
+    decode family (their causal mask reads the moving cache position, ``a0 >= j``).  8 new
+    tokens, not 16: each interpreted launch takes ~0.7 s."""
     sizes = dataclasses.replace(CPU_SIZES, new_tokens=8)
     check_generate("llama", "dynamic", sizes, "cpu", torch.float32, interpreted_kernels,
-                   exact_tokens=True, kernel_calls=kernel_calls)
+                   exact_tokens=True, kernel_calls=kernel_calls, decode_steps_grow=True)
 
 
 def test_generate_through_the_decode_kernels_on_cpu(interpreted_kernels, kernel_calls, monkeypatch):

@@ -67,23 +67,37 @@ def packed_rows(call: AttentionCall) -> int:
     return call.groups * call.q_len
 
 
-# The key length and mask arguments of the last call of each structure (bounded: cleared when
-# full).
+# Per structure: the key length and mask arguments of its first call, or MOVED once a call had
+# others (bounded: cleared when full).
 _last_step: dict = {}
 _LAST_MAX = 1024
+MOVED = "moved"
 
 
 def _growing(call: AttentionCall) -> bool:
-    """Whether the key length or the mask arguments (a predicate's cache position) changed since
-    the previous call of the same structure: a decode step after a decode step, of a growing
-    cache or of a static one whose position moves."""
+    """Whether calls of ``call``'s structure have had more than one key length or set of mask
+    arguments (a predicate's cache position): decode steps, of a growing cache or of a static
+    one whose position moves.  Once true it stays true, because the layers of one model make
+    calls of one structure at each step (the same length L times, then the next length)."""
     key = call.structure
+    first = _last_step.get(key)
+    if first is MOVED:
+        return True
     step = (call.kv_len, call.mask_args)
-    last = _last_step.get(key)
-    if len(_last_step) >= _LAST_MAX:
-        _last_step.clear()
-    _last_step[key] = step
-    return last is not None and last != step
+    if first is None:
+        if len(_last_step) >= _LAST_MAX:
+            _last_step.clear()
+        _last_step[key] = step
+        return False
+    if first == step:
+        return False
+    _last_step[key] = MOVED
+    return True
+
+
+def moved(call: AttentionCall) -> bool:
+    """Whether ``call``'s structure is known to take decode steps (``_growing``, read only)."""
+    return _last_step.get(call.structure) is MOVED
 
 
 def capturing(q: Tensor) -> bool:

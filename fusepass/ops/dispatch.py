@@ -123,11 +123,12 @@ def runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fil
 def _runner_for(call: AttentionCall):
     """The call's launch bound to its signature, or None when a later call may run otherwise
     (the reference, a ring) or needs per-call work (bool masks' block maps).  The family is the
-    size rule's alone (decode.refusal_for, not decode.serves, whose growth check keeps state):
-    a signature seen twice is not a growing cache, and either family computes the op exactly."""
+    size rule's, with what is known of the structure (decode.moved: its calls take decode steps;
+    the layers of a model make one signature's calls L times a step) without counting this call
+    as a step again; either family computes the op exactly."""
     if call.run.context_parallel or call.run.fp8 or kernel_reason(call) is not None:
         return None  # fp8: the guard's decision and the quantization are per call
-    if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p,
+    if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, growing=decode.moved(call),
                           captured=decode.captured_serves(call)) is None:
         return decode.runner(call)
     return prefill.runner(call, tuning.kernel_config_provider)
@@ -197,12 +198,13 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
         found = _runners.get(key)
         if found is not None and found is not _SEEN and found is not _UNBOUND:
             return found(q, k, v, biases, masks, seed)
-        if found is None:  # a new signature: perhaps a known structure at a new key length
-            gkey = growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr,
-                              mask_args, run)
-            grown = _growers.get(gkey) if gkey is not None else None
-            if grown is not None and grown is not _SEEN and grown is not _UNBOUND:
-                return grown(q, k, v, biases, masks, seed, mask_args)
+        # No runner: perhaps a known structure at a new key length or cache position, or the
+        # same step's call from the next layer (seen once, by the layer before).
+        gkey = growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr,
+                          mask_args, run)
+        grown = _growers.get(gkey) if gkey is not None else None
+        if grown is not None and grown is not _SEEN and grown is not _UNBOUND:
+            return grown(q, k, v, biases, masks, seed, mask_args)
     call = forward_call(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
     if call.run.context_parallel:  # a ring over the sequence's ranks, each chunk pair run as any call
         from fusepass.parallel import ring
