@@ -208,11 +208,11 @@ def _family(spec) -> str:
     """Which kernel family serves the site's shape (kernels/decode.py has the rule)."""
     from fusepass.kernels import decode
 
-    sizes = (spec.q_shape[2], spec.q_shape[1], spec.k_shape[1], spec.k_shape[2])
+    sizes = (spec.q_shape[0], spec.q_shape[2], spec.q_shape[1], spec.k_shape[1], spec.k_shape[2])
     if not all(isinstance(s, int) for s in sizes):
         return "decode family for short queries, else prefill (chosen per call)"
-    M, Hq, Hkv, N = sizes
-    refusal = decode.refusal_for(M, Hq // max(1, Hkv), N, spec.dropout_p)
+    B, M, Hq, Hkv, N = sizes
+    refusal = decode.refusal_for(M, Hq // max(1, Hkv), N, spec.dropout_p, pairs=B * Hkv)
     return DECODE_FAMILY if refusal is None else f"prefill family (not decode: {refusal})"
 
 

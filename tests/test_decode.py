@@ -241,6 +241,31 @@ def test_gpu_a_captured_static_cache_runs_the_decode_family(monkeypatch):
     assert seen == ["decode", "prefill", "decode"]
 
 
+def test_many_batch_and_key_value_heads_lower_the_floor(monkeypatch):
+    """With MANY_PAIRS (batch x key/value heads) or more the decode family serves from
+    MIN_KV_LEN_MANY_PAIRS keys, static shapes included; with fewer the floor stays."""
+    from fusepass.ops.attention import fused_attention
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    monkeypatch.setattr(decode, "_last_step", {})
+    N, Hkv = decode.MIN_KV_LEN_MANY_PAIRS, 8
+    B = decode.MANY_PAIRS // Hkv
+    q = torch.randn(B, 2 * Hkv, 1, 16)
+    k, v = torch.randn(B, Hkv, N, 16), torch.randn(B, Hkv, N, 16)
+    feats = ([], [], None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
+    before = launch_common.launches["decode"]
+    out = fused_attention(q, k, v, mask_expr=CAUSAL)
+    assert launch_common.launches["decode"] == before + 1
+    ref, _ = dense_attention(q.double(), k.double(), v.double(), *feats)
+    eager, _ = dense_attention(q, k, v, *feats)
+    assert_close_to_reference(out, eager, ref, name="many pairs")
+    assert decode.refusal(forward_call(q, k, v, *feats)) is None
+    few = forward_call(q[: B // 2], k[: B // 2], v[: B // 2], *feats)
+    assert decode.refusal(few) == f"key length {N} < {decode.MIN_KV_LEN} ({decode.MIN_KV_LEN_CAPTURED} under CUDA graphs), and not a growing cache"
+    short = forward_call(q, k[:, :, : N - 1], v[:, :, : N - 1], *feats)
+    assert decode.refusal(short) == f"key length {N - 1} < {N}, and not a growing cache"
+
+
 def test_split_count_follows_the_sms_and_the_key_length(monkeypatch):
     monkeypatch.setattr(decode, "_sm_count", lambda device: 132)
     q = torch.randn(8, 32, 1, 128)

@@ -50,6 +50,20 @@ MIN_KV_LEN = 4096
 # is below the prefill kernel's at every B in {1, 8}, M in {1, 4, 16} from N = 1024 on (1.2-2.3x
 # there, 3.0-3.6x at 4096); at N <= 512 the prefill kernel wins B=1 M=16 by 2-3 us.
 MIN_KV_LEN_CAPTURED = 1024
+# With many (batch, key/value head) pairs the prefill grid is large and each of its programs
+# still reads its head's whole cache.  NOTE: same table, back to back with the host's time: at
+# B=8, Hkv=8 (64 pairs) the decode family is faster at every N from 256 (M = 1, 4, 16: 15.9-20.2
+# against 25.0-26.4 us at 256, 37.7 against 102.4 at 2048); at B=1 (8 pairs) the prefill kernel
+# is, up to N = 2048.  Pair counts in between were not measured and keep MIN_KV_LEN.
+MANY_PAIRS = 64
+MIN_KV_LEN_MANY_PAIRS = 256
+
+
+def kv_floor(pairs: int, captured: bool = False) -> int:
+    """The fewest keys for which the decode family serves a call that is not a decode step."""
+    if pairs >= MANY_PAIRS:
+        return MIN_KV_LEN_MANY_PAIRS
+    return MIN_KV_LEN_CAPTURED if captured else MIN_KV_LEN
 # Splits: about one program per SM, or two when there are few (batch, key/value head) pairs,
 # each program walking at least MIN_TILES_PER_SPLIT tiles.  NOTE: benchmarks/sweep_decode.py on
 # the H200 (bf16, M=1, Hq=32, D=128; RESULTS.md, 2026-12-02 fourth session): one program per SM
@@ -138,10 +152,10 @@ def serves(call: AttentionCall) -> bool:
         return False
     # Long caches first: they are served whatever the previous length was, without the
     # structure key and its dict (host time a decode step pays per layer).
-    N = call.kv_len
-    if N >= MIN_KV_LEN:
+    N, pairs = call.kv_len, call.batch * call.kv_heads
+    if N >= kv_floor(pairs):
         return True
-    if N >= MIN_KV_LEN_CAPTURED:
+    if N >= kv_floor(pairs, captured=True):
         if capturing(call.q):
             if call.signature in _ran_uncaptured:
                 return True
@@ -154,10 +168,11 @@ def refusal(call: AttentionCall) -> Optional[str]:
     """None when the decode family serves ``call``, else why the prefill kernel runs it."""
     if serves(call):
         return None
-    return refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, captured=captured_serves(call))
+    return refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, pairs=call.batch * call.kv_heads,
+                       captured=captured_serves(call))
 
 
-def refusal_for(q_len: int, groups: int, kv_len: int, dropout_p: float, *, growing: bool = False,
+def refusal_for(q_len: int, groups: int, kv_len: int, dropout_p: float, *, pairs: int, growing: bool = False,
                 captured: bool = False) -> Optional[str]:
     """The rule on sizes alone (explain reads it at compile time, where ``growing`` and
     ``captured`` are unknown).  ``captured``: captured, with the decode kernels loaded."""
@@ -165,9 +180,10 @@ def refusal_for(q_len: int, groups: int, kv_len: int, dropout_p: float, *, growi
         return f"query length {q_len} > {MAX_QUERY_LEN}"
     if groups * q_len > MAX_PACKED_ROWS:
         return f"{groups} query heads per key/value head x {q_len} positions > {MAX_PACKED_ROWS} rows"
-    floor = MIN_KV_LEN_CAPTURED if captured else MIN_KV_LEN
+    floor = kv_floor(pairs, captured)
     if kv_len < floor and not growing:
-        return (f"key length {kv_len} < {floor}" + ("" if captured else f" ({MIN_KV_LEN_CAPTURED} under CUDA graphs)")
+        lower = kv_floor(pairs, captured=True)
+        return (f"key length {kv_len} < {floor}" + (f" ({lower} under CUDA graphs)" if lower < floor else "")
                 + ", and not a growing cache")
     if dropout_p > 0:
         return "dropout (training)"
