@@ -135,3 +135,55 @@ def test_module_level_tune_uses_the_given_timer_and_cache(tmp_path):
     n = len(timer.timed)
     tuner_mod.tune(make_key(), CANDS, timer.bench_fn, timer=timer, cache=cache)
     assert len(timer.timed) == n
+
+
+def _tune_in_a_process(rank: int, directory: str, log_dir: str, start_file: str) -> None:
+    """One of several processes sharing a cache: tune one key with a slow fake timer, noting
+    each config it times and the winner in files of its own."""
+    import os
+    import time
+
+    from autotune_util import FakeTimer, make_key
+    from fusepass.autotune.cache import TuneCache
+    from fusepass.autotune.tuner import Tuner
+
+    times = random_times(11)
+
+    class Slow(FakeTimer):
+        def __call__(self, runner) -> float:
+            time.sleep(0.01)
+            ms = super().__call__(runner)
+            with open(os.path.join(log_dir, f"timed.{rank}"), "a") as f:
+                f.write(self.timed[-1].short() + "\n")
+            return ms
+
+    while not os.path.exists(start_file):  # start together
+        time.sleep(0.01)
+    timer = Slow(times)
+    best = Tuner(TuneCache(directory), timer).tune(make_key(), CANDS, timer.bench_fn)
+    with open(os.path.join(log_dir, f"best.{rank}"), "w") as f:
+        f.write(best.short())
+
+
+def test_processes_sharing_a_cache_tune_a_key_once(tmp_path):
+    """Ranks that start together on one cache: one times the key's configs, the others wait
+    for its entry (the tuning lock beside the cache) and read it."""
+    import multiprocessing as mp
+    import os
+
+    cache_dir, log_dir, start = tmp_path / "cache", tmp_path / "log", tmp_path / "go"
+    log_dir.mkdir()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_tune_in_a_process, args=(r, str(cache_dir), str(log_dir), str(start)))
+             for r in range(3)]
+    for p in procs:
+        p.start()
+    start.touch()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0, f"a tuning process exited with {p.exitcode}"
+    timed = {name: (log_dir / name).read_text().splitlines() for name in os.listdir(log_dir) if name.startswith("timed.")}
+    assert len(timed) == 1 and len(next(iter(timed.values()))) == len(CANDS), {k: len(v) for k, v in timed.items()}
+    best = {(log_dir / f"best.{r}").read_text() for r in range(3)}
+    times = random_times(11)
+    assert best == {min(times, key=times.get).short()}

@@ -8,7 +8,9 @@ compile or launch raises is skipped (logged at DEBUG) — pruning is an estimate
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
 import logging
 import math
 import threading
@@ -32,6 +34,11 @@ BENCH_REP_MS = 40
 # A key whose configs take long to compile and time reports how far it is at most this often
 # (a cold key can take half a minute: a progress line keeps the first compile from looking hung).
 PROGRESS_EVERY_S = 5.0
+# One process tunes a key at a time (eight ranks starting together would otherwise time the
+# same key eight times over, each slowing the others' timings); the others wait for its entry.
+# NOTE: a cold key took ~35 s on the H200 (RESULTS.md); past this a waiter tunes it itself.
+CLAIM_TIMEOUT_S = 300.0
+CLAIM_DIR = "tuning"
 
 
 def do_bench_median(fn: Runner) -> float:
@@ -98,15 +105,53 @@ class Tuner:
                 return entry.config
             if key in self._failed and default is not None:
                 return default
-            entry = self._time(key, candidates, bench_fn, default, shape, flops, progress)
-            if entry is None:
-                assert default is not None
-                self._failed.add(key)
-                return default
-            self._memory[key] = entry
-            if self.persist:
-                self.cache.put(key, entry)
+            with self._claim(key):  # the entry is written before another process may look
+                entry = self.lookup(key)  # tuned by another process while this one waited
+                if entry is not None:
+                    return entry.config
+                entry = self._time(key, candidates, bench_fn, default, shape, flops, progress)
+                if entry is None:
+                    assert default is not None
+                    self._failed.add(key)
+                    return default
+                self._memory[key] = entry
+                if self.persist:
+                    self.cache.put(key, entry)
             return entry.config
+
+    @contextlib.contextmanager
+    def _claim(self, key: TuneKey):
+        """Hold ``key``'s tuning lock (a file beside the cache, so every process sharing the cache
+        sees it) while this process tunes it.  Without a persisted cache, or where the lock file
+        cannot be made, or after CLAIM_TIMEOUT_S of waiting, tune without it."""
+        if not self.persist:
+            yield
+            return
+        import filelock
+
+        name = hashlib.sha256(key.to_string().encode()).hexdigest()[:20] + ".lock"
+        try:
+            directory = self.cache.directory / CLAIM_DIR
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = filelock.FileLock(str(directory / name))
+            try:
+                lock.acquire(timeout=0)
+            except filelock.Timeout:
+                announce("fusepass autotune: waiting for another process tuning %s", key.describe())
+                lock.acquire(timeout=CLAIM_TIMEOUT_S)
+        except filelock.Timeout:
+            log.warning("fusepass autotune: %s stayed claimed for %.0f s; tuning it here as well", key.describe(),
+                        CLAIM_TIMEOUT_S)
+            yield
+            return
+        except OSError as e:
+            log.debug("fusepass autotune: no tuning lock for %s (%s)", key.describe(), e)
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _time(self, key, candidates, bench_fn, default, shape, flops, progress) -> CacheEntry | None:
         order = list(candidates)
