@@ -266,6 +266,39 @@ def test_many_batch_and_key_value_heads_lower_the_floor(monkeypatch):
     assert decode.refusal(short) == f"key length {N - 1} < {N}, and not a growing cache"
 
 
+@pytest.mark.parametrize("N", [70, 200])
+def test_one_split_is_one_launch_with_the_two_kernels_numbers(monkeypatch, N):
+    """When the keys take one split (a short cache, or as many (batch, key/value head) pairs as
+    programs) attn_decode_single walks them and finishes the rows in one launch, with no
+    partial buffers: bitwise the split + combine kernels' output on that one split."""
+    from fusepass.kernels import launcher, render
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    names = []
+    real = launcher.Launcher.__call__
+    monkeypatch.setattr(launcher.Launcher, "__call__", lambda self, *a, **kw: names.append(self.name) or real(self, *a, **kw))
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, N, 16), torch.randn(2, 2, N, 16)
+    pad = torch.zeros(2, 1, 1, N)
+    pad[1, ..., :9] = torch.finfo(torch.float32).min
+    call = forward_call(q, k, v, [pad], [], None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
+    one = DecodeConfig(BLOCK_N=32, num_splits=1, num_warps=4, num_stages=1)
+    out, lse = decode.attention_forward(call, one)
+    assert names == ["attn_decode_single"]
+    feats = ([pad], [], None, 0.25, 0.0, 0.0, -math.inf, CAUSAL, [])
+    ref, _ = dense_attention(q.double(), k.double(), v.double(), [pad.double()], *feats[1:])
+    eager, _ = dense_attention(q, k, v, *feats)
+    assert_close_to_reference(out, eager, ref, name=f"one split N={N}")
+    plan = decode._plans.get(launch_common.plan_key(call, call.structure, one), None)
+    at = decode._Launch.of(call, plan)
+    out2, lse2 = torch.empty_like(out), torch.empty_like(lse)
+    parts = torch.empty(at.parts_numel)
+    extras = launch_common.extra_args([pad], [], [])
+    with render.interpreting():
+        plan.launch_split(at.split_grid, q, k, v, parts, at.per_split, *extras, tail=at.tail)
+        plan.launch_combine(at.combine_grid, q, k, v, out2, lse2, parts, *at.out_strides, *extras, tail=at.tail)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
 def test_split_count_follows_the_sms_and_the_key_length(monkeypatch):
     monkeypatch.setattr(decode, "_sm_count", lambda device: 132)
     q = torch.randn(8, 32, 1, 128)

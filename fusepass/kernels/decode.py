@@ -1,4 +1,5 @@
-"""Decode launcher: templates/attention_decode.py.jinja -> ``attn_decode_split`` + ``attn_decode_combine``.
+"""Decode launcher: templates/attention_decode.py.jinja -> ``attn_decode_split`` + ``attn_decode_combine``,
+or ``attn_decode_single`` when the keys take one split.
 
 For short queries against long keys (decoding: one new query per sequence against a KV
 cache) the prefill grid has B * Hq programs of mostly empty query tiles, each reading the
@@ -225,13 +226,12 @@ class _Plan:
 
     spec: KernelSpec
     cfg: DecodeConfig  # num_splits: the most a launch may use
-    split: object  # the rendered kernels
-    combine: object
     block_m: int
     consts: dict
     interpret: bool
-    launch_split: Launcher
+    launch_split: Launcher  # the rendered kernels' launchers
     launch_combine: Launcher
+    launch_single: Launcher  # one split: the split's walk and the combine's epilogue in one launch
     scalars: tuple  # the kernels' scalar tail when it does not depend on the key length, else ()
 
 
@@ -249,13 +249,14 @@ def _make_plan(call: AttentionCall, config: Optional[DecodeConfig]) -> _Plan:
     mod = kernel_module(spec, interpret)
     block_m = max(16, next_pow2(packed_rows(call)))
     consts = dict(head_dims(spec), BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N)
-    split, combine = mod.attn_decode_split, mod.attn_decode_combine
     # Only a finite fill's lse (fill + log N) reads the key length.
     scalars = () if spec.finite_fill else tuple(scalar_args(spec, call.scale, call.softcap, call.dropout_p,
                                                                 call.mask_fill, call.kv_len))
-    return _Plan(spec, cfg, split, combine, block_m, consts, interpret,
-                 Launcher(split, consts, cfg.num_warps, cfg.num_stages, direct=not interpret),
-                 Launcher(combine, consts, cfg.num_warps, 1, direct=not interpret), scalars)
+    direct = not interpret
+    return _Plan(spec, cfg, block_m, consts, interpret,
+                 Launcher(mod.attn_decode_split, consts, cfg.num_warps, cfg.num_stages, direct=direct),
+                 Launcher(mod.attn_decode_combine, consts, cfg.num_warps, 1, direct=direct),
+                 Launcher(mod.attn_decode_single, consts, cfg.num_warps, cfg.num_stages, direct=direct), scalars)
 
 
 def attention_forward(call: AttentionCall, config: Optional[DecodeConfig] = None) -> tuple[Tensor, Tensor]:
@@ -341,10 +342,13 @@ class _Launch(NamedTuple):
 def _launch(plan: _Plan, at: _Launch, q, k, v, biases, masks, seed) -> tuple[Tensor, Tensor]:
     out = new_output(at.out_shape, v.dtype, q.device)
     lse = new_output(at.out_shape[:3], torch.float32, q.device)
-    parts = torch.empty(at.parts_numel, dtype=torch.float32, device=q.device)
     extras = extra_args(biases, masks, at.mask_args) if biases or masks or at.mask_args else ()
     launches["decode"] += 1
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
+        if at.split_grid[0] == 1:  # one split (a short cache, or as many pairs as programs): no merge
+            plan.launch_single(at.combine_grid, q, k, v, out, lse, *at.out_strides, *extras, tail=at.tail)
+            return out, lse
+        parts = torch.empty(at.parts_numel, dtype=torch.float32, device=q.device)
         plan.launch_split(at.split_grid, q, k, v, parts, at.per_split, *extras, tail=at.tail)
         plan.launch_combine(at.combine_grid, q, k, v, out, lse, parts, *at.out_strides, *extras, tail=at.tail)
     return out, lse
