@@ -65,8 +65,8 @@ def _compact(graph: fx.Graph, b) -> fx.Node:
     masks, fill = b.compact
     keep = None
     for node, invert in masks:
-        node = graph.call_function(torch.logical_not if invert else torch.ne, (node,) if invert else (node, 0))
-        keep = node if keep is None else graph.call_function(torch.logical_and, (keep, node))
+        shows = graph.call_function(torch.logical_not, (node,)) if invert else graph.call_function(torch.ne, (node, 0))
+        keep = shows if keep is None else graph.call_function(torch.logical_and, (keep, shows))
     value = graph.call_function(torch.where, (keep, 0.0, fill))
     return graph.call_method("to", (value, nodes.fake(b.node).dtype))
 

@@ -169,8 +169,13 @@ def refusal(call: AttentionCall) -> Optional[str]:
     """None when the decode family serves ``call``, else why the prefill kernel runs it."""
     if serves(call):
         return None
+    return size_refusal(call, captured=captured_serves(call))
+
+
+def size_refusal(call: AttentionCall, *, growing: bool = False, captured: bool = False) -> Optional[str]:
+    """``refusal_for`` on ``call``'s sizes."""
     return refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, pairs=call.batch * call.kv_heads,
-                       captured=captured_serves(call))
+                       growing=growing, captured=captured)
 
 
 def refusal_for(q_len: int, groups: int, kv_len: int, dropout_p: float, *, pairs: int, growing: bool = False,

@@ -128,8 +128,7 @@ def _runner_for(call: AttentionCall):
     as a step again; either family computes the op exactly."""
     if call.run.context_parallel or call.run.fp8 or kernel_reason(call) is not None:
         return None  # fp8: the guard's decision and the quantization are per call
-    if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, pairs=call.batch * call.kv_heads,
-                          growing=decode.moved(call), captured=decode.captured_serves(call)) is None:
+    if decode.size_refusal(call, growing=decode.moved(call), captured=decode.captured_serves(call)) is None:
         return decode.runner(call)
     return prefill.runner(call, tuning.kernel_config_provider)
 
@@ -175,8 +174,7 @@ _growers: dict = {}
 def _grower_for(call: AttentionCall):
     if call.run.context_parallel or kernel_reason(call) is not None:
         return None
-    if decode.refusal_for(call.q_len, call.groups, call.kv_len, call.dropout_p, pairs=call.batch * call.kv_heads,
-                          growing=True) is not None:
+    if decode.size_refusal(call, growing=True) is not None:
         return None
     return decode.grower(call)
 
