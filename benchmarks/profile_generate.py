@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--cache", default="dynamic", choices=("dynamic", "static"))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--python", action="store_true",
+                    help="also cProfile one generate() (Python functions by own time), and time one after gc.freeze()")
+    ap.add_argument("--variants", default="fusepass,sdpa")
     args = ap.parse_args()
     big = dict(hidden=2048, layers=8, heads=32, kv_heads=8, vocab=32000, prompt=2048)
     tiny = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=128, prompt=16)
@@ -42,7 +45,8 @@ def main() -> None:
     ids, mask = bg.prompts(args, args.batch, device)
     gen_cfg = bg.generation(args)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for variant, attn, kw in (("fusepass", "eager", {"backend": "fusepass"}), ("sdpa", "sdpa", {})):
+    variants = (("fusepass", "eager", {"backend": "fusepass"}), ("sdpa", "sdpa", {}))
+    for variant, attn, kw in (v for v in variants if v[0] in args.variants.split(",")):
         model = bg.build(args, attn).to(device, dtype)
         torch._dynamo.reset()
         model.forward = torch.compile(model.forward, **kw)
@@ -61,7 +65,31 @@ def main() -> None:
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
         if device.type == "cuda":
             print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows))
+        if args.python:
+            python_profile(lambda: bg.run(model, ids, mask, gen_cfg, device, cache), args)
         del model, cache
+
+
+def python_profile(generate, args) -> None:
+    """Python's own view of one generate(): functions by their own time (what torch.profiler
+    books as an op's self time), then the time per token with the collector's objects frozen
+    (whether garbage collection of the compiled model's objects weighs on a step)."""
+    import cProfile
+    import gc
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    generate()
+    prof.disable()
+    print(f"\n-- cProfile of one generate() ({args.new_tokens} new tokens), by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows + 10)
+    gc.collect()
+    gc.freeze()
+    t0 = time.perf_counter()
+    generate()
+    print(f"-- after gc.freeze(): {(time.perf_counter() - t0) / args.new_tokens * 1e3:.2f} ms per new token")
+    gc.unfreeze()
 
 
 if __name__ == "__main__":

@@ -415,7 +415,7 @@ def test_a_moving_cache_position_is_served_by_one_grower(monkeypatch, cache, lay
     must neither make a new decode plan per step nor keep the grower from binding: from the
     third step on the grower serves, bitwise equal to the full path, with one decode plan.
     With two layers, the second layer's call of each step has the first's signature: the
-    grower serves it too (from the second step on), not a runner bound to that one step."""
+    grower serves it too (once the structure has moved), not a runner bound to that one step."""
     from fusepass.ops import dispatch
 
     monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
@@ -430,8 +430,35 @@ def test_a_moving_cache_position_is_served_by_one_grower(monkeypatch, cache, lay
     pad[1, ..., :5] = torch.finfo(torch.float32).min
     _grow(q, k, v, pad, 5, expr="a0 >= j", position=None if cache == "dynamic" else 20, layers=layers)
     lengths = [31, 32, 33, 34] if cache == "dynamic" else [40] * 4
-    assert served == (lengths[1:] if layers == 1 else [n for n in lengths for _ in range(layers)])
+    # The second step's first call finds the structure moved and binds the grower, which serves
+    # the calls after it: that step's other layers, then every layer of every later step.
+    assert served == [lengths[0]] * (layers - 1) + [n for n in lengths[1:] for _ in range(layers)]
     assert len(decode._plans._plans) == 1
+
+
+def test_a_structure_binds_a_grower_only_once_it_moves(monkeypatch):
+    """Growers are tried before runners (ops/dispatch.forward), so one must exist only for a
+    structure that takes decode steps: a short query against keys that never change (a
+    cross-attention) repeats its call and keeps its runner's family, the size rule's (here the
+    prefill kernel: 29 keys are below every floor).  The same structure moving later (a cache
+    position that starts to advance) then binds the grower, which serves from its next call."""
+    from fusepass.ops import dispatch
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_binds", lambda q: True)
+    served = _counted_growers(monkeypatch)
+    q = torch.randn(1, 4, 1, 16)
+    k, v = torch.randn(1, 2, 29, 16), torch.randn(1, 2, 29, 16)
+    feats = (None, 0.25, 0.0, 0.0, -math.inf, "a0 >= j", [20])
+    for _ in range(4):
+        before = launch_common.launches["decode"]
+        dispatch.forward(q, k, v, [], [], *feats)
+        assert launch_common.launches["decode"] == before  # the prefill family, every time
+    gkey = dispatch.growth_key(q, k, v, [], [], *feats, "")
+    assert dispatch._growers[gkey] is dispatch._SEEN and served == []
+    for position in (21, 22, 23):
+        dispatch.forward(q, k, v, [], [], *feats[:-1], [position])
+    assert served == [29, 29]  # 21 moved the structure (the full path) and bound the grower
 
 
 @pytest.mark.gpu

@@ -286,9 +286,17 @@ def grower(call: AttentionCall) -> Callable:
     caller guarantees that such a call would validate as ``call`` did (ops/dispatch.growth_key)."""
     plan = _plans.get(plan_key(call, call.structure, None), lambda: _make_plan(call, None))
     fixed = _Fixed.of(call)
+    last = [((), None)]  # the last step's (lengths, strides, mask arguments) and its _Launch
 
     def run(q, k, v, biases, masks, seed, mask_args):
-        return _launch(plan, _Launch.at(plan, fixed, q, k, v, tuple(mask_args)), q, k, v, biases, masks, seed)
+        # The layers of a model make one step's calls with the same lengths and arguments: the
+        # step's launch arguments (and their tail's key in the launcher) are built once.
+        step = (k.shape[2], k.stride(), v.stride(), mask_args)
+        seen, at = last[0]
+        if step != seen:
+            at = _Launch.at(plan, fixed, q, k, v, tuple(mask_args))
+            last[0] = (step, at)
+        return _launch(plan, at, q, k, v, biases, masks, seed)
 
     return run
 
@@ -325,7 +333,7 @@ class _Launch(NamedTuple):
     out_shape: tuple
     out_strides: tuple
     parts_numel: int
-    mask_args: tuple
+    mask_args: tuple  # as ints, the kernels' last arguments
 
     @classmethod
     def of(cls, call: AttentionCall, plan: _Plan) -> "_Launch":
@@ -341,13 +349,13 @@ class _Launch(NamedTuple):
         # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
         return cls((*q.stride(), *k.stride(), *v.stride(), Hq, f.groups, M, N, Hkv, splits, *scalars), per_split,
                    (splits, B * Hkv), (B * Hkv,), (B, Hq, M, Dv), (Hq * M * Dv, M * Dv, Dv, 1),
-                   B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), mask_args)
+                   B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), tuple([int(a) for a in mask_args]))
 
 
 def _launch(plan: _Plan, at: _Launch, q, k, v, biases, masks, seed) -> tuple[Tensor, Tensor]:
     out = new_output(at.out_shape, v.dtype, q.device)
     lse = new_output(at.out_shape[:3], torch.float32, q.device)
-    extras = extra_args(biases, masks, at.mask_args) if biases or masks or at.mask_args else ()
+    extras = extra_args(biases, masks, at.mask_args) if biases or masks else at.mask_args
     launches["decode"] += 1
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
         if at.split_grid[0] == 1:  # one split (a short cache, or as many pairs as programs): no merge

@@ -165,18 +165,22 @@ def growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fil
             fp32_dot_precision() if q.dtype == torch.float32 else None)
 
 
-# Growers (decode.grower) by growth_key, with the same markers: bound when a structure is seen
-# a second time with another key length or other mask arguments, so a decode step (a new
-# runner_key each step) skips building and validating the call from the third step on.
+# Growers (decode.grower) by growth_key, with the same markers: bound once a structure has been
+# called with a second key length or other mask arguments (decode.moved), so a decode step (a
+# new runner_key each step) skips building and validating the call from then on.
 _growers: dict = {}
 
 
 def _grower_for(call: AttentionCall):
+    """A grower for ``call``'s structure once it is known to take decode steps (decode.moved),
+    _SEEN (ask again on its next call) while it has not moved yet, _UNBOUND when it never can
+    have one.  A structure that never moves (a query against a fixed set of keys) keeps
+    its runner: the grower would run the decode family below the size rule's floor."""
     if call.run.context_parallel or kernel_reason(call) is not None:
-        return None
+        return _UNBOUND
     if decode.size_refusal(call, growing=True) is not None:
-        return None
-    return decode.grower(call)
+        return _UNBOUND
+    return decode.grower(call) if decode.moved(call) else _SEEN
 
 
 def _binds(q) -> bool:
@@ -193,17 +197,18 @@ def _remember(table: dict, key: tuple, found, bind, call: AttentionCall) -> None
 def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run=""):
     key = found = gkey = grown = None
     if _binds(q):
+        # A structure known to take decode steps first: its calls (a new key length or cache
+        # position per step, the same one for each layer of a step) are all the grower's.
+        gkey = growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr,
+                          mask_args, run)
+        if gkey is not None:
+            grown = _growers.get(gkey)
+            if grown is not None and grown is not _SEEN and grown is not _UNBOUND:
+                return grown(q, k, v, biases, masks, seed, mask_args)
         key = runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
         found = _runners.get(key)
         if found is not None and found is not _SEEN and found is not _UNBOUND:
             return found(q, k, v, biases, masks, seed)
-        # No runner: perhaps a known structure at a new key length or cache position, or the
-        # same step's call from the next layer (seen once, by the layer before).
-        gkey = growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr,
-                          mask_args, run)
-        grown = _growers.get(gkey) if gkey is not None else None
-        if grown is not None and grown is not _SEEN and grown is not _UNBOUND:
-            return grown(q, k, v, biases, masks, seed, mask_args)
     call = forward_call(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
     if call.run.context_parallel:  # a ring over the sequence's ranks, each chunk pair run as any call
         from fusepass.parallel import ring
@@ -213,7 +218,9 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
     if key is not None and found is not _UNBOUND:
         _remember(_runners, key, found, _runner_for, call)
     if gkey is not None and grown is not _UNBOUND:
-        _remember(_growers, gkey, grown, _grower_for, call)
+        if len(_growers) >= _RUNNERS_MAX:
+            _growers.clear()
+        _growers[gkey] = _grower_for(call)
     return result
 
 

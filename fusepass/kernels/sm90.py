@@ -1,0 +1,366 @@
+"""Hopper forward launcher: templates/attention_fwd_sm90.py.jinja -> ``attn_fwd_sm90`` -> ``attention_forward``.
+
+The first member of the sm_90 family.  The kernel computes what the FA2 forward
+(``fusepass.kernels.forward``) computes, with the same arguments and the same tile walk; it
+reads Q, K and V through TMA tensor descriptors built in the kernel (device-side: the launch
+arguments stay tensors and numbers, see ``kernels/launcher.py``) and may warp-specialize its
+loop over full key tiles.  ``refusal`` is the rule that lets it serve a call (the FA2 forward
+is the fallback for everything it refuses); ``configs_for`` is its autotune search space.
+
+On CPU the kernel runs in Triton's interpreter (``refusal(call, interpret=True)``), which
+emulates the descriptors: what the tests check numerically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusepass.autotune.config import ForwardConfig, arch_for, fits_registers, fits_shared_memory
+from fusepass.call import AttentionCall
+
+from . import blockmap, render
+from .heuristics import ConfigProvider, ConfigQuery
+from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, new_output, plan_key,
+                            scalar_args, seed_tensor)
+from .launcher import Launcher
+from .spec import KernelSpec
+from .support import fallback_reason
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "attention_fwd_sm90.py.jinja"
+SERVED_DTYPES = (torch.float16, torch.bfloat16)
+SERVED_HEAD_DIMS = (64, 128)  # D and Dv: powers of two, so the TMA boxes need no column mask
+TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the last (1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sm90Config(ForwardConfig):
+    """A forward config plus the sm_90 kernel's own knob: ``warp_specialize`` (0/1, an int like
+    every cached knob) splits the full-tile key loop into TMA producer and compute warps."""
+
+    warp_specialize: int = 0
+
+    def short(self) -> str:
+        return super().short() + (" ws" if self.warp_specialize else "")
+
+
+# Feature tests of the installed Triton, never its version.
+
+@functools.lru_cache(maxsize=1)
+def has_tensor_descriptors() -> bool:
+    """Whether ``tl.make_tensor_descriptor`` (device-side TMA descriptors) exists."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return False
+    return hasattr(tl, "make_tensor_descriptor")
+
+
+@functools.lru_cache(maxsize=1)
+def loop_warp_specialize() -> bool:
+    """Whether ``tl.range`` takes ``warp_specialize=`` (the template's render flag ``loop_ws``)."""
+    try:
+        import triton.language as tl
+
+        return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+    except (ImportError, TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _layout_reason(name: str, t: Tensor) -> Optional[str]:
+    """Why ``t`` [B, H, L, D] cannot be read through TMA, or None.  Strides of size-1 dims
+    never move the base pointer (their index is 0) and are replaced in the launch (``_tma_strides``)."""
+    elt = t.element_size()
+    if t.stride(3) != 1:
+        return f"{name}'s last dim is not contiguous (stride {t.stride(3)}); TMA needs stride 1"
+    for dim, label in ((0, "batch"), (1, "head"), (2, "row")):
+        if t.shape[dim] > 1 and (t.stride(dim) * elt) % TMA_ALIGN:
+            return f"{name}'s {label} stride {t.stride(dim)} is not a multiple of {TMA_ALIGN} bytes"
+    if t.data_ptr() % TMA_ALIGN:
+        return f"{name}'s data pointer is not {TMA_ALIGN}-byte aligned"
+    return None
+
+
+def refusal(call: AttentionCall, *, interpret: bool = False,
+            capability: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """None when the sm_90 kernel serves ``call``, else why (one line).
+
+    CUDA tensors need a GPU of compute capability 9.x (``capability``, else the device's);
+    CPU tensors are served only with ``interpret`` (Triton's interpreter: the tests), with no
+    capability check.  The alignment of the data pointers is read here, so this is a per-call
+    rule: a view offset by one element has the signature of an aligned one.
+    """
+    q = call.q
+    cuda = q.device.type == "cuda"
+    if cuda:
+        capability = capability or _capability(q.device)
+        if capability[0] != 9:
+            return f"GPU compute capability {capability[0]}.{capability[1]} is not 9.x (Hopper)"
+    reason = fallback_reason(q.device.type, q.dtype, call.head_dim, call.v_head_dim, call.mask_fill,
+                             interpret=interpret and not cuda, capability=capability, softcap=call.softcap)
+    if reason is not None:
+        return reason
+    if not has_tensor_descriptors():
+        return "this Triton has no tl.make_tensor_descriptor"
+    if q.dtype not in SERVED_DTYPES:
+        return f"dtype {q.dtype} (the sm_90 kernel serves float16, bfloat16)"
+    for label, d in (("head dim", call.head_dim), ("value head dim", call.v_head_dim)):
+        if d not in SERVED_HEAD_DIMS:
+            return f"{label} {d} (the sm_90 kernel serves {', '.join(map(str, SERVED_HEAD_DIMS))})"
+    for name, t in (("q", q), ("k", call.k), ("v", call.v)):
+        reason = _layout_reason(name, t)
+        if reason is not None:
+            return reason
+    return None
+
+
+# Configs.
+
+_SM90 = arch_for((9, 0))
+
+# NOTE: not yet measured on the H200: the FA2 kernel's measured best tiles
+# (kernels/heuristics.py) with a shallower pipeline at D=128, where a TMA stage of 128 keys
+# is 64 KiB; benchmarks/bench_sm90.py prints the winner of configs_for to replace these with.
+_DEFAULTS = {64: Sm90Config(128, 64, 8, 3), 128: Sm90Config(128, 128, 8, 2)}
+
+# What the autotuner should time on sm_90, by head dim (max of D, Dv): tiles of 64 or 128 keys,
+# 4 or 8 warps, 2-4 stages, and the warp-specialized variant of the two likeliest winners.
+_CANDIDATES = {
+    64: ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 2), (64, 64, 4, 3)),
+    128: ((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+}
+_WS_CANDIDATES = {64: ((128, 64, 4, 3), (128, 128, 8, 3)), 128: ((128, 64, 4, 2), (128, 128, 8, 2))}
+
+
+def _dim_class(call: AttentionCall) -> int:
+    return 64 if max(call.head_dim, call.v_head_dim) <= 64 else 128
+
+
+def default_config(call: AttentionCall, *, interpret: bool = False) -> Sm90Config:
+    """The config a launch runs with when none is given (interpreter: small tiles, cheap in numpy)."""
+    if interpret:
+        return Sm90Config(32, 32, 4, 1)
+    return _DEFAULTS[_dim_class(call)]
+
+
+def configs_for(call: AttentionCall) -> list[Sm90Config]:
+    """The sm_90 autotune candidates for ``call``: those of its head dim that fit the H200's
+    shared memory and registers (by the tuner's own estimates), warp-specialized ones only
+    where this Triton can."""
+    dims = _dim_class(call)
+    cands = [Sm90Config(*c) for c in _CANDIDATES[dims]]
+    if loop_warp_specialize():
+        cands += [Sm90Config(*c, warp_specialize=1) for c in _WS_CANDIDATES[dims]]
+    return [c for c in cands if _fits(c, call)]
+
+
+def _fits(cfg: Sm90Config, call: AttentionCall) -> bool:
+    return all(pred(cfg, _SM90, call.head_dim, call.q.dtype, value_head_dim=call.v_head_dim)
+               for pred in (fits_shared_memory, fits_registers))
+
+
+def _as_sm90(cfg: ForwardConfig) -> Sm90Config:
+    """An Sm90Config for any forward config (a plain one: no warp specialization); the knob is
+    dropped where this Triton cannot warp-specialize a loop."""
+    if not isinstance(cfg, Sm90Config):
+        cfg = Sm90Config(cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.num_stages)
+    if cfg.warp_specialize and not loop_warp_specialize():
+        cfg = dataclasses.replace(cfg, warp_specialize=0)
+    return cfg
+
+
+def _choose(call: AttentionCall, spec: KernelSpec, config: Optional[ForwardConfig],
+            config_for: Optional[ConfigProvider], interpret: bool) -> Sm90Config:
+    if config is None and config_for is not None:
+        config = config_for(ConfigQuery("fwd", spec, call.q.dtype, call.batch, call.q_heads, call.kv_heads,
+                                        call.q_len, call.kv_len, call.q.device, call=call,
+                                        autotune=call.run.autotune))
+    if config is not None and not isinstance(config, ForwardConfig):
+        raise TypeError(f"fusepass: the sm_90 forward takes a ForwardConfig or Sm90Config, got {config!r}")
+    return _as_sm90(config) if config is not None else default_config(call, interpret=interpret)
+
+
+# The kernel module and Triton's allocator.
+
+_modules: dict = {}
+
+
+def render_params(spec: KernelSpec) -> dict:
+    return dict(spec.render_params(), loop_ws=loop_warp_specialize())
+
+
+def kernel_module(spec: KernelSpec, interpret: bool):
+    """The rendered module of ``spec`` (memoized per spec, as launch_common.spec_module)."""
+    mod = _modules.get((spec, interpret))
+    if mod is None:
+        mod = _modules[(spec, interpret)] = render.load(TEMPLATE, render_params(spec), interpret=interpret)
+    return mod
+
+
+_allocator_set = False
+
+
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    # torch's caching allocator: cheap per launch, and safe under CUDA-graph capture.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Give Triton an allocator for the global scratch that device-side descriptors live in
+    (Triton's default raises), unless one is set.  Triton keeps it in a ContextVar, so it is
+    checked per launch (a thread of its own starts without one); where that variable is not
+    found, it is set once."""
+    global _allocator_set
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):
+        if _allocator_set:
+            return
+    import triton
+
+    if hasattr(triton, "set_allocator"):
+        triton.set_allocator(_scratch)
+        _allocator_set = True
+
+
+# Plans and launches.
+
+def grid(M: int, B: int, Hq: int, cfg: ForwardConfig) -> tuple[int, int]:
+    """One program per (query tile of BLOCK_M rows, batch * query head), as the FA2 forward:
+    each program walks the key tiles its block-map row lists (or all of them)."""
+    return (cdiv(M, cfg.BLOCK_M), B * Hq)
+
+
+def _tma_strides(t: Tensor) -> tuple[int, ...]:
+    """``t``'s strides with those of size-1 dims replaced: batch / head by 0 (their offset is 0
+    anyway), rows by the head dim rounded up to 16 bytes (a descriptor's row stride must be
+    aligned even where only row 0 exists)."""
+    per = TMA_ALIGN // t.element_size()
+    row_pad = cdiv(t.shape[3], per) * per
+    b, h, r, d = t.stride()
+    B, H, L, _ = t.shape
+    return (b if B > 1 else 0, h if H > 1 else 0, r if L > 1 else row_pad, d)
+
+
+@dataclasses.dataclass
+class _Plan:
+    spec: KernelSpec
+    cfg: Sm90Config  # the fitted config once the first launch ran
+    kernel: object  # the rendered module's attn_fwd_sm90
+    grid: tuple[int, int]
+    tail: tuple
+    map_args: Optional[list]  # None: read from the masks per call
+    interpret: bool
+    fitted: bool = False
+    launchers: dict = dataclasses.field(default_factory=dict)
+
+    def launcher(self, cfg: Sm90Config) -> Launcher:
+        found = self.launchers.get(cfg)
+        if found is None:
+            consts = dict(head_dims(self.spec), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                          WARP_SPECIALIZE=bool(cfg.warp_specialize))
+            found = self.launchers[cfg] = Launcher(self.kernel, consts, cfg.num_warps, cfg.num_stages,
+                                                   direct=not self.interpret)
+        return found
+
+
+_plans = PlanCache()
+
+
+def _make_plan(call: AttentionCall, config: Optional[ForwardConfig], config_for: Optional[ConfigProvider]) -> _Plan:
+    spec = KernelSpec.for_call(call)
+    q, k, v = call.q, call.k, call.v
+    B, Hq, M, N = call.batch, call.q_heads, call.q_len, call.kv_len
+    interpret = q.device.type != "cuda"
+    cfg = _choose(call, spec, config, config_for, interpret)
+    map_args = list(blockmap.NO_MAP_ARGS)
+    if spec.block_map:
+        map_args = None
+        if not call.masks:
+            map_args = blockmap.call_lists(call.mask_expr, call.mask_args, (), B, Hq, M, N, cfg.BLOCK_M,
+                                           cfg.BLOCK_N, q.device, by="row").kernel_args()
+    Dv = call.v_head_dim
+    out_strides = (Hq * M * Dv, M * Dv, Dv, 1)  # the output is allocated contiguous
+    tail = (*_tma_strides(q), *_tma_strides(k), *_tma_strides(v), *out_strides, Hq, call.groups, M, N,
+            *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N))
+    return _Plan(spec, cfg, kernel_module(spec, interpret).attn_fwd_sm90, grid(M, B, Hq, cfg), tail, map_args,
+                 interpret)
+
+
+def _mask_map_args(call: AttentionCall, cfg: ForwardConfig) -> list:
+    """The bool masks' tile lists for this call, as the FA2 forward computes them (classes kept
+    at a granularity its backward's tiles are unions of)."""
+    g = blockmap.granule(cfg.BLOCK_M, cfg.BLOCK_N)
+    base = blockmap.data_classes(call.masks, call.q_len, call.kv_len, g, g, store=True)
+    data = blockmap.coarsen(base, cfg.BLOCK_M // g, cfg.BLOCK_N // g)
+    return blockmap.call_lists(call.mask_expr, call.mask_args, call.masks, call.batch, call.q_heads, call.q_len,
+                               call.kv_len, cfg.BLOCK_M, cfg.BLOCK_N, call.q.device, by="row", data=data).kernel_args()
+
+
+def _fit(plan: _Plan, launch) -> Sm90Config:
+    """The first launch of a plan: fewer stages while shared memory does not fit
+    (launch_common.launch_fitting); a warp-specialized config this Triton fails to compile
+    for this variant runs unspecialized instead (logged once per plan)."""
+    try:
+        return launch_fitting(("fwd_sm90", plan.spec), plan.cfg, launch)
+    except Exception as e:
+        if not plan.cfg.warp_specialize:
+            raise
+        log.warning("fusepass: sm_90 forward %s failed (%s: %s); running without warp specialization",
+                    plan.cfg.short(), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return launch_fitting(("fwd_sm90", plan.spec), dataclasses.replace(plan.cfg, warp_specialize=0), launch)
+
+
+def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = None,
+                      config_for: Optional[ConfigProvider] = None) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32: the op's semantics exactly, as
+    ``fusepass.kernels.forward.attention_forward``.  The caller checked ``refusal(call)``."""
+    q, v = call.q, call.v
+    B, Hq, M = call.batch, call.q_heads, call.q_len
+    if call.empty:
+        # No keys: softmax over zero keys is empty, P @ V a sum of nothing, logsumexp -inf.
+        return (torch.zeros((B, Hq, M, call.v_head_dim), dtype=v.dtype, device=q.device),
+                torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
+    plan = _plans.get(plan_key(call, call.signature, config, config_for),
+                      lambda: _make_plan(call, config, config_for))
+    out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
+    lse = new_output((B, Hq, M), torch.float32, q.device)
+    map_args = plan.map_args if plan.map_args is not None else _mask_map_args(call, plan.cfg)
+    seed = seed_tensor(call.seed, q.device) if plan.spec.dropout else None
+    extras = extra_args(call.biases, call.masks, call.mask_args)
+    args = (q, call.k, v, out, lse, seed, *map_args, *extras)
+
+    launches["fwd"] += 1  # a prefill forward, whichever family (forward_launches counts it)
+    launches["fwd_sm90"] += 1
+    if not plan.interpret:
+        ensure_allocator()
+        if plan.fitted:  # the hot path
+            plan.launcher(plan.cfg)(plan.grid, *args, tail=plan.tail)
+            return out, lse
+
+    def launch(cfg: Sm90Config) -> None:
+        plan.launcher(cfg)(plan.grid, *args, tail=plan.tail)
+
+    with render.interpreting() if plan.interpret else contextlib.nullcontext():
+        if plan.fitted:
+            launch(plan.cfg)
+        else:
+            plan.cfg, plan.fitted = _fit(plan, launch), True
+    return out, lse
