@@ -213,7 +213,22 @@ def _family(spec) -> str:
         return "decode family for short queries, else prefill (chosen per call)"
     B, M, Hq, Hkv, N = sizes
     refusal = decode.refusal_for(M, Hq // max(1, Hkv), N, spec.dropout_p, pairs=B * Hkv)
-    return DECODE_FAMILY if refusal is None else f"prefill family (not decode: {refusal})"
+    return DECODE_FAMILY if refusal is None else f"prefill family (not decode: {refusal}){_prefill_kernel(spec)}"
+
+
+def _prefill_kernel(spec) -> str:
+    """On CUDA: which prefill kernel the site's calls take, the sm_90 TMA forward or the FA2 one
+    (kernels/sm90.py has the rule; a call's strides and pointers are only known per call)."""
+    from fusepass.kernels import sm90
+
+    if not spec.device.startswith("cuda"):
+        return ""
+    capability = torch.cuda.get_device_capability(spec.device) if torch.cuda.is_available() else None
+    reason = sm90.static_refusal("cuda", getattr(torch, spec.dtype), nodes.size_hint(spec.q_shape[3]),
+                                 nodes.size_hint(spec.v_shape[3]), capability)
+    if reason is None:
+        return "; sm_90 TMA forward where q, k, v are TMA-aligned, else FA2"
+    return f"; FA2 forward (not sm_90: {reason})"
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, options: Options, mode: Optional[str]) -> Callable:

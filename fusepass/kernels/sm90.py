@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import inspect
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -132,10 +132,43 @@ def refusal(call: AttentionCall, *, interpret: bool = False,
 
 _SM90 = arch_for((9, 0))
 
-# NOTE: not yet measured on the H200: the FA2 kernel's measured best tiles
-# (kernels/heuristics.py) with a shallower pipeline at D=128, where a TMA stage of 128 keys
-# is 64 KiB; benchmarks/bench_sm90.py prints the winner of configs_for to replace these with.
-_DEFAULTS = {64: Sm90Config(128, 64, 8, 3), 128: Sm90Config(128, 128, 8, 2)}
+# NOTE: H200, bf16, B=4 H=16 (benchmarks/bench_sm90.py; RESULTS.md, ninth session): the best of
+# configs_for was 128x64 w4 s2 at every D=128 shape (N 1k-16k, causal or not), 128x64 w4 s3 at
+# most D=64 ones.  Warp-specialized configs failed to compile on triton 3.6 (NVGPUWarpSpecialization).
+_DEFAULTS = {64: Sm90Config(128, 64, 4, 3), 128: Sm90Config(128, 64, 4, 2)}
+
+# Which served calls the dispatch gives this family rather than the FA2 forward.  NOTE: same
+# run: at D=128 this kernel beat the FA2 forward at every shape (518-536 against 462-485
+# TFLOP/s at N >= 4k; 1.03-1.12x); at D=64 it lost at five of six (404 against 423 at 4k).
+PREFERRED_HEAD_DIMS = (128,)
+
+
+def choice_refusal(call: AttentionCall) -> Optional[str]:
+    """None when the dispatch runs ``call`` on this family (served and faster than the FA2
+    forward at its head dim), else why the FA2 forward runs it."""
+    reason = refusal(call)
+    if reason is None and max(call.head_dim, call.v_head_dim) not in PREFERRED_HEAD_DIMS:
+        reason = f"head dim {max(call.head_dim, call.v_head_dim)}: the FA2 forward is faster there"
+    return reason
+
+
+def static_refusal(device_type: str, dtype: torch.dtype, head_dim: int, v_head_dim: int,
+                   capability: Optional[tuple[int, int]]) -> Optional[str]:
+    """The part of ``choice_refusal`` known at compile time (explain): no strides or pointers."""
+    if device_type != "cuda":
+        return "not a CUDA device"
+    if capability is None or capability[0] != 9:
+        return "not a Hopper GPU (compute capability 9.x)"
+    if not has_tensor_descriptors():
+        return "this Triton has no tl.make_tensor_descriptor"
+    if dtype not in SERVED_DTYPES:
+        return f"dtype {dtype}"
+    if head_dim not in SERVED_HEAD_DIMS or v_head_dim not in SERVED_HEAD_DIMS:
+        return f"head dims {head_dim}/{v_head_dim}"
+    if max(head_dim, v_head_dim) not in PREFERRED_HEAD_DIMS:
+        return f"head dim {max(head_dim, v_head_dim)}: the FA2 forward is faster there"
+    return None
+
 
 # What the autotuner should time on sm_90, by head dim (max of D, Dv): tiles of 64 or 128 keys,
 # 4 or 8 warps, 2-4 stages, and the warp-specialized variant of the two likeliest winners.
@@ -219,20 +252,29 @@ def _scratch(size: int, alignment: int, stream) -> Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def ensure_allocator() -> None:
-    """Give Triton an allocator for the global scratch that device-side descriptors live in
-    (Triton's default raises), unless one is set.  Triton keeps it in a ContextVar, so it is
-    checked per launch (a thread of its own starts without one); where that variable is not
-    found, it is set once."""
-    global _allocator_set
+@functools.lru_cache(maxsize=1)
+def _allocator_slot():
+    """(Triton's allocator variable, its null allocator's type), or None where this Triton
+    keeps them elsewhere (then the allocator is set once per process)."""
     try:
         from triton.runtime import _allocation
 
-        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            return
+        return _allocation._allocator, _allocation.NullAllocator
     except (ImportError, AttributeError):
-        if _allocator_set:
+        return None
+
+
+def ensure_allocator() -> None:
+    """Give Triton an allocator for the global scratch that device-side descriptors live in
+    (Triton's default raises), unless one is set.  Triton keeps it in a ContextVar, so it is
+    checked per launch: a thread of its own starts without one."""
+    global _allocator_set
+    slot = _allocator_slot()
+    if slot is not None:
+        if not isinstance(slot[0].get(), slot[1]):
             return
+    elif _allocator_set:
+        return
     import triton
 
     if hasattr(triton, "set_allocator"):
@@ -328,6 +370,16 @@ def _fit(plan: _Plan, launch) -> Sm90Config:
         return launch_fitting(("fwd_sm90", plan.spec), dataclasses.replace(plan.cfg, warp_specialize=0), launch)
 
 
+def fitted_config(call: AttentionCall, config: Optional[ForwardConfig] = None,
+                  config_for: Optional[ConfigProvider] = None) -> Optional[Sm90Config]:
+    """The config that ``attention_forward(call, config, config_for)`` really launches with
+    (fewer stages, or no warp specialization, where the asked one did not build), or None
+    before its first launch: what benchmarks report."""
+    plan = _plans.get(plan_key(call, call.signature, config, config_for),
+                      lambda: _make_plan(call, config, config_for))
+    return plan.cfg if plan.fitted else None
+
+
 def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = None,
                       config_for: Optional[ConfigProvider] = None) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] (v's dtype), lse [B, Hq, M] fp32: the op's semantics exactly, as
@@ -364,3 +416,38 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
         else:
             plan.cfg, plan.fitted = _fit(plan, launch), True
     return out, lse
+
+
+def aligned(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the three data pointers are TMA-aligned (what a signature does not say)."""
+    return (q.data_ptr() % TMA_ALIGN == 0 and k.data_ptr() % TMA_ALIGN == 0
+            and v.data_ptr() % TMA_ALIGN == 0)
+
+
+def runner(call: AttentionCall) -> Optional[Callable]:
+    """As ``fusepass.kernels.forward.runner``: a function of (q, k, v, biases, masks, seed) for
+    later calls of ``call``'s signature, which returns None (the caller then takes the full
+    path) for tensors whose data pointers are not TMA-aligned."""
+    if call.empty:
+        return None
+    plan = _plans.get(plan_key(call, call.signature, None, None), lambda: _make_plan(call, None, None))
+    if not plan.fitted or plan.interpret or plan.map_args is None:
+        return None
+    out_shape, lse_shape = (call.batch, call.q_heads, call.q_len, call.v_head_dim), (call.batch, call.q_heads, call.q_len)
+    dtype, device, mask_args, dropout = call.v.dtype, call.q.device, call.mask_args, plan.spec.dropout
+    launch, grid_, map_args, tail = plan.launcher(plan.cfg), plan.grid, plan.map_args, plan.tail
+
+    def run(q, k, v, biases, masks, seed):
+        if not aligned(q, k, v):
+            return None
+        out = new_output(out_shape, dtype, device)
+        lse = new_output(lse_shape, torch.float32, device)
+        extras = extra_args(biases, masks, mask_args) if biases or masks or mask_args else ()
+        launches["fwd"] += 1
+        launches["fwd_sm90"] += 1
+        ensure_allocator()
+        launch(grid_, q, k, v, out, lse, seed_tensor(seed, device) if dropout else None, *map_args, *extras, tail=tail)
+        return out, lse
+
+    return run
+

@@ -20,7 +20,7 @@ import torch
 
 from fusepass.autotune import provider as tuning  # the one place launches meet the tuner
 from fusepass.call import AttentionCall, BackwardCall
-from fusepass.kernels import decode, forward as prefill, support
+from fusepass.kernels import decode, forward as prefill, sm90, support
 from fusepass.kernels.support import fp32_dot_precision
 from fusepass.options import RunOptions
 
@@ -65,7 +65,21 @@ def _reason(device, dtype, head_dim, v_head_dim, mask_fill, softcap, interpret):
     return reason
 
 
+def _on_sm90(call: AttentionCall) -> bool:
+    """Whether the prefill family's sm_90 kernel runs ``call`` (kernels/sm90.py has the rule;
+    the FA2 forward runs the rest)."""
+    if not call.q.is_cuda:
+        return False
+    reason = sm90.choice_refusal(call)
+    if reason is not None:
+        log.debug("fusepass.attention: the FA2 forward, not sm_90: %s", reason)
+    return reason is None
+
+
 def _prefill(call: AttentionCall):
+    if _on_sm90(call):
+        # Its default config: the tuner's space and cache entries are the FA2 kernel's.
+        return sm90.attention_forward(call)
     return prefill.attention_forward(call, config_for=tuning.kernel_config_provider)
 
 
@@ -130,6 +144,8 @@ def _runner_for(call: AttentionCall):
         return None  # fp8: the guard's decision and the quantization are per call
     if decode.size_refusal(call, growing=decode.moved(call), captured=decode.captured_serves(call)) is None:
         return decode.runner(call)
+    if _on_sm90(call):
+        return sm90.runner(call)
     return prefill.runner(call, tuning.kernel_config_provider)
 
 
@@ -208,14 +224,16 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
         key = runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
         found = _runners.get(key)
         if found is not None and found is not _SEEN and found is not _UNBOUND:
-            return found(q, k, v, biases, masks, seed)
+            result = found(q, k, v, biases, masks, seed)
+            if result is not None:  # None: this call's tensors need the full path (sm90.runner)
+                return result
     call = forward_call(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run)
     if call.run.context_parallel:  # a ring over the sequence's ranks, each chunk pair run as any call
         from fusepass.parallel import ring
 
         return ring.forward(call, run_forward)
     result = run_forward(call)
-    if key is not None and found is not _UNBOUND:
+    if key is not None and (found is None or found is _SEEN):
         _remember(_runners, key, found, _runner_for, call)
     if gkey is not None and grown is not _UNBOUND:
         if len(_growers) >= _RUNNERS_MAX:
