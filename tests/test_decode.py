@@ -461,6 +461,26 @@ def test_a_structure_binds_a_grower_only_once_it_moves(monkeypatch):
     assert served == [29, 29]  # 21 moved the structure (the full path) and bound the grower
 
 
+def test_a_cache_above_the_floor_binds_its_grower(monkeypatch):
+    """Above the size rule's floor the decode family serves a call without tracking its steps
+    (decode.serves), so a growing cache there never counts as moved: its grower must bind all
+    the same (on the structure's first call: the family is the size rule's), or every step
+    takes the full path."""
+    from fusepass.ops import dispatch
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_binds", lambda q: True)
+    monkeypatch.setattr(decode, "MIN_KV_LEN", 32)  # the floor, low enough for the interpreter
+    served = _counted_growers(monkeypatch)
+    B, Hq, Hkv, D = 1, 4, 2, 16
+    q = torch.randn(B, Hq, 1, D)
+    k, v = torch.randn(B, Hkv, 40, D), torch.randn(B, Hkv, 40, D)
+    pad = torch.zeros(B, 1, 1, 40)
+    _grow(q, k, v, pad, 4)
+    assert served == [42, 43, 44]  # the first call (41 keys) bound the grower
+    assert not decode.moved(forward_call(q, k, v, [pad], [], None, D ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, []))
+
+
 @pytest.mark.gpu
 def test_gpu_growers_serve_a_growing_cache(monkeypatch):
     """On CUDA (where growers bind for real): a DynamicCache-like cache grows by one key per call,

@@ -188,15 +188,19 @@ _growers: dict = {}
 
 
 def _grower_for(call: AttentionCall):
-    """A grower for ``call``'s structure once it is known to take decode steps (decode.moved),
-    _SEEN (ask again on its next call) while it has not moved yet, _UNBOUND when it never can
-    have one.  A structure that never moves (a query against a fixed set of keys) keeps
-    its runner: the grower would run the decode family below the size rule's floor."""
+    """A grower for ``call``'s structure once the decode family is its family whatever the
+    length (known to take decode steps: decode.moved; or above the size rule's floor, where
+    decode.serves does not track steps), _SEEN (ask again on its next call) until then,
+    _UNBOUND when it never can have one.  A short structure that never moves (a query against
+    a fixed set of keys) keeps its runner: the grower would run the decode family below the
+    size rule's floor."""
     if call.run.context_parallel or kernel_reason(call) is not None:
         return _UNBOUND
     if decode.size_refusal(call, growing=True) is not None:
         return _UNBOUND
-    return decode.grower(call) if decode.moved(call) else _SEEN
+    if decode.moved(call) or decode.size_refusal(call) is None:
+        return decode.grower(call)
+    return _SEEN
 
 
 def _binds(q) -> bool:
