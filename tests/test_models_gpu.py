@@ -216,3 +216,46 @@ def test_gpu_train_gradients_fused_through_kernels(name, dtype, kernel_calls):
     rowstats = counts.pop("rowstats", 0)
     assert counts == Counter({"fwd": layers, "dkdv": layers, "dq": layers}), dict(counts)
     assert rowstats <= layers
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_gpu_head_dim_128_runs_the_sm90_forward(name, train, kernel_calls, monkeypatch):
+    """At head dim 128 on Hopper the dispatch runs the prefill forward on the sm_90 (TMA) kernel
+    (kernels/sm90.py), and in training the FA2 backward reads its lse: outputs and every
+    parameter gradient match eager by the float64 rule, and every layer's forward of the second
+    call launched the sm_90 kernel."""
+    from fusepass.kernels import sm90
+
+    case = BY_NAME[name]
+    monkeypatch.setitem(SIZES, name, dict(SIZES[name], num_attention_heads=4, num_key_value_heads=2, head_dim=128))
+    model, compiled_src, reference = _three_models(case, torch.bfloat16)
+    for m in (model, compiled_src, reference):
+        m.train(train)
+    inputs = _inputs(name, torch.bfloat16)
+    compiled = torch.compile(compiled_src, backend="fusepass")
+    with torch.set_grad_enabled(train):
+        got = _outputs(compiled(**inputs))
+        eager = _outputs(model(**inputs))
+        ref = _outputs(reference(**cast_floats(inputs, torch.float64)))
+        if train:
+            for outs in (got, eager, ref):
+                _loss(outs).backward()
+    layers = _check_counts(case, model)
+    if train:
+        assert_outputs_and_grads_match(name, case.key_params, got, eager, ref, compiled_src, model, reference)
+    else:
+        for key in ref:
+            assert_close_to_reference(got[key], eager[key], ref[key], name=f"{name}.{key}")
+    before = sm90.launches["fwd"]
+    with torch.set_grad_enabled(train):
+        out = _outputs(compiled(**inputs))
+        if train:
+            _loss(out).backward()
+    torch.cuda.synchronize()
+    assert sm90.launches["fwd"] - before == layers
