@@ -8,7 +8,18 @@ as it really launched: ``sm90.fitted_config``); its error column is the largest 
 of any of its configs against SDPA (flash) in the same run.  Prints a Markdown table; with
 --csv, also appends the rows there.
 
+With --backward, forward+backward instead, on the same shapes: TFLOP/s counts 3.5x the
+forward's FLOPs (the backward does 2.5x the forward's work, as benchmarks/bench_attention.py
+counts).  The sm90 column is the sm_90 forward (its default config, what the dispatch runs)
+and the sm_90 backward at the best of ``sm90.backward_configs_for``; fa2 is fusepass's FA2
+forward and backward at their default configs; SDPA and Flex run through autograd.  Its error
+column is the largest max-abs error of dq, dk, dv (any sm90 backward config) against SDPA
+flash's gradients in the same run.  NOTE: its run time is not measured yet; compiles dominate
+(4 backward configs x 2 kernels per head dim and mask, and Flex's forward+backward), so one
+--dims per invocation is the way to stay near 4 minutes.
+
     PYTHONPATH=$PWD python benchmarks/bench_sm90.py [--dtype bf16] [--seqs 1024,4096] [--csv out.csv]
+    PYTHONPATH=$PWD python benchmarks/bench_sm90.py --backward [--bwd-configs default] [--no-flex]
 """
 
 from __future__ import annotations
@@ -26,8 +37,8 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fusepass.kernels import forward, sm90
-from fusepass.ops.dispatch import forward_call
+from fusepass.kernels import backward, forward, sm90
+from fusepass.ops.dispatch import backward_call, forward_call
 
 CAUSAL = "j <= i + (N - M)"
 DIMS = (64, 128)
@@ -133,14 +144,99 @@ def run_case(D, N, B, H, causal, dtype, dev):
 COLUMNS = ("sm90", "fa2", "sdpa_cudnn", "sdpa_flash", "flex")
 
 
-def print_table(rows, header):
+# Forward + backward (--backward).
+
+def fusepass_fwd_bwd(fwd, bwd, q, k, v, do, causal):
+    """One forward and one backward through fusepass's kernels (``fwd(call)``, ``bwd(bcall)``)."""
+    expr = CAUSAL if causal else ""
+    scale = q.shape[-1] ** -0.5
+    call = make_call(q, k, v, causal)
+
+    def run():
+        out, lse = fwd(call)
+        dq, dk, dv, _ = bwd(backward_call(do, q, k, v, out, lse, [], [], None, scale, 0.0, 0.0, -math.inf, expr,
+                                          [], []))
+        return dq, dk, dv
+    return run
+
+
+def autograd_fwd_bwd(make, q, k, v, do):
+    """The forward ``make(q, k, v)`` returns (a function of no arguments, on leaves that
+    require grad), and its gradients through autograd."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    fwd = make(*leaves)
+
+    def run():
+        return torch.autograd.grad(fwd(), leaves, do)
+    return run
+
+
+def grads_err(got, ref) -> float:
+    return max(max_err(a, b) for a, b in zip(got, ref))
+
+
+def time_sm90_backward(q, k, v, do, causal, ref, which):
+    """(best ms, the backward config that won, worst gradient error over all configs)."""
+    probe = make_call(q, k, v, causal)
+    out, lse = sm90.attention_forward(probe)
+    bcall = backward_call(do, q, k, v, out, lse, [], [], None, q.shape[-1] ** -0.5, 0.0, 0.0, -math.inf,
+                          probe.mask_expr, [], [])
+    cfgs = sm90.backward_configs_for(bcall) if which == "all" else [sm90.backward_default_config(bcall)]
+    best, winner, worst = math.inf, None, 0.0
+    for cfg in cfgs:
+        try:
+            fn = fusepass_fwd_bwd(sm90.attention_forward, lambda b, cfg=cfg: sm90.attention_backward(b, cfg),
+                                  q, k, v, do, causal)
+            worst = max(worst, grads_err(fn(), ref))
+            ms = bench(fn)
+        except Exception as e:  # a config this Triton cannot build: reported, not fatal
+            print(f"# sm90 bwd {cfg.short()}: {type(e).__name__}: {str(e)[:160]}", file=sys.stderr)
+            continue
+        if ms < best:
+            fitted = sm90.fitted_backward_config(bcall, cfg)
+            best, winner = ms, fitted.get("attn_bwd_dkdv", cfg)
+    return best, winner, worst
+
+
+def run_backward_case(D, N, B, H, causal, dtype, dev, which, with_flex):
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=dtype) for _ in range(4))
+    ref = autograd_fwd_bwd(lambda *t: sdpa(SDPBackend.FLASH_ATTENTION, *t, causal), q, k, v, do)()
+    flops = 3.5 * 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+    tf = lambda ms: flops / ms / 1e9  # noqa: E731
+    row = dict(D=D, N=N, B=B, H=H, causal=causal)
+    out, lse = forward.attention_forward(make_call(q, k, v, causal))
+    bcall = backward_call(do, q, k, v, out, lse, [], [], None, D ** -0.5, 0.0, 0.0, -math.inf,
+                          CAUSAL if causal else "", [], [])
+    reason = sm90.backward_refusal(bcall)
+    if reason is None:
+        ms, winner, err = time_sm90_backward(q, k, v, do, causal, ref, which)
+        row.update(sm90=tf(ms), sm90_config=winner.short() if winner else "none built", sm90_err=err)
+    else:
+        row.update(sm90=math.nan, sm90_config=f"refused: {reason}", sm90_err=math.nan)
+    providers = {
+        "fa2": lambda: fusepass_fwd_bwd(forward.attention_forward, backward.attention_backward, q, k, v, do, causal),
+        "sdpa_cudnn": lambda: autograd_fwd_bwd(lambda *t: sdpa(SDPBackend.CUDNN_ATTENTION, *t, causal), q, k, v, do),
+        "sdpa_flash": lambda: autograd_fwd_bwd(lambda *t: sdpa(SDPBackend.FLASH_ATTENTION, *t, causal), q, k, v, do),
+    }
+    if with_flex:
+        providers["flex"] = lambda: autograd_fwd_bwd(lambda *t: flex(*t, causal), q, k, v, do)
+    for name in COLUMNS[1:]:
+        row[name] = tf(time_provider(providers[name])[0]) if name in providers else math.nan
+    row["vs_cudnn"] = row["sm90"] / row["sdpa_cudnn"] if row["sdpa_cudnn"] > 0 else math.nan
+    return row
+
+
+def print_table(rows, header, backward_table=False):
     print(f"\n{header}\n")
-    print("| D | N | causal | " + " | ".join(COLUMNS) + " | sm90 config | sm90 max abs err vs SDPA |")
-    print("|---" * (3 + len(COLUMNS) + 2) + "|")
+    ratio = " sm90 / cudnn |" if backward_table else ""
+    print("| D | N | causal | " + " | ".join(COLUMNS) + f" |{ratio} sm90 config | sm90 max abs err vs SDPA |")
+    print("|---" * (3 + len(COLUMNS) + 2 + bool(backward_table)) + "|")
     for r in rows:
         cells = [f"{r[c]:.0f}" if not math.isnan(r[c]) else "n/a" for c in COLUMNS]
+        extra = f" {r['vs_cudnn']:.2f} |" if backward_table else ""
         print(f"| {r['D']} | {r['N']} | {'yes' if r['causal'] else 'no'} | " + " | ".join(cells)
-              + f" | {r['sm90_config']} | {r['sm90_err']:.2e} |")
+              + f" |{extra} {r['sm90_config']} | {r['sm90_err']:.2e} |")
 
 
 def main():
@@ -151,6 +247,10 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--csv", default="", help="append the rows to this CSV file too")
+    ap.add_argument("--backward", action="store_true", help="forward+backward instead of the forward")
+    ap.add_argument("--bwd-configs", default="all", choices=("all", "default"),
+                    help="--backward: time every sm90.backward_configs_for candidate, or the default only")
+    ap.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (its compiles are slow)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name(dev)
@@ -160,7 +260,11 @@ def main():
     for D in map(int, args.dims.split(",")):
         for N in map(int, args.seqs.split(",")):
             for causal in (False, True):
-                rows.append(run_case(D, N, args.batch, args.heads, causal, DTYPES[args.dtype], dev))
+                if args.backward:
+                    rows.append(run_backward_case(D, N, args.batch, args.heads, causal, DTYPES[args.dtype], dev,
+                                                  args.bwd_configs, not args.no_flex))
+                else:
+                    rows.append(run_case(D, N, args.batch, args.heads, causal, DTYPES[args.dtype], dev))
                 shown = {k: round(v, 1) if isinstance(v, float) and k != "sm90_err" else v for k, v in rows[-1].items()}
                 print(shown, flush=True)
                 torch.cuda.empty_cache()
@@ -173,9 +277,11 @@ def main():
             for r in rows:
                 w.writerow(dict(date=stamp, gpu=gpu, torch=torch.__version__, triton=triton.__version__,
                                 dtype=args.dtype, **r))
+    what = "forward+backward TFLOP/s (3.5x forward FLOPs; median)" if args.backward else "forward TFLOP/s (median)"
     print_table(rows, f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
-                      f"B={args.batch} H={args.heads}, {stamp} UTC; forward TFLOP/s (median); "
-                      f"`{' '.join(['python', *sys.argv])}` ({time.time() - start:.0f} s)")
+                      f"B={args.batch} H={args.heads}, {stamp} UTC; {what}; "
+                      f"`{' '.join(['python', *sys.argv])}` ({time.time() - start:.0f} s)",
+                backward_table=args.backward)
 
 
 if __name__ == "__main__":

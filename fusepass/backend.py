@@ -227,7 +227,7 @@ def _prefill_kernel(spec) -> str:
     reason = sm90.static_refusal("cuda", getattr(torch, spec.dtype), nodes.size_hint(spec.q_shape[3]),
                                  nodes.size_hint(spec.v_shape[3]), capability)
     if reason is None:
-        return "; sm_90 TMA forward where q, k, v are TMA-aligned, else FA2"
+        return "; sm_90 TMA kernels (forward and backward) where q, k, v are TMA-aligned, else FA2"
     return f"; FA2 forward (not sm_90: {reason})"
 
 

@@ -252,10 +252,10 @@ def test_gpu_head_dim_128_runs_the_sm90_forward(name, train, kernel_calls, monke
     else:
         for key in ref:
             assert_close_to_reference(got[key], eager[key], ref[key], name=f"{name}.{key}")
-    before = sm90.launches["fwd"]
+    before = sm90.launches_sm90["fwd"]
     with torch.set_grad_enabled(train):
         out = _outputs(compiled(**inputs))
         if train:
             _loss(out).backward()
     torch.cuda.synchronize()
-    assert sm90.launches["fwd"] - before == layers
+    assert sm90.launches_sm90["fwd"] - before == layers

@@ -43,9 +43,9 @@ def run_sm90_case(case: Case, device="cpu", config=None, factor=4.0):
     q, k, v, biases, masks, seed = case.tensors(device)
     call = _call(case, q, k, v, biases, masks, seed)
     assert sm90.refusal(call, interpret=device == "cpu") is None
-    before = launch_common.launches["fwd_sm90"]
+    before = sm90.launches_sm90["fwd"]
     out, lse = sm90.attention_forward(call, config)
-    assert launch_common.launches["fwd_sm90"] == before + 1
+    assert sm90.launches_sm90["fwd"] == before + 1
 
     feats = (seed, case.D ** -0.5, case.softcap, case.dropout_p, case.fill, case.expr, list(case.args))
     ref, ref_lse = dense_attention(q.double(), k.double(), v.double(), [b.double() for b in biases], masks, *feats)
@@ -337,15 +337,15 @@ def test_gpu_the_op_runs_sm90_at_d128_and_fa2_for_a_misaligned_view():
     feats = ([], [], None, 128 ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
     for offset, want in ((0, 1), (0, 1), (0, 1), (1, 0)):
         q = base[..., offset:offset + 128]
-        before = launch_common.launches["fwd_sm90"]
+        before = sm90.launches_sm90["fwd"]
         out = fused_attention(q, k, v, mask_expr=CAUSAL)
-        assert launch_common.launches["fwd_sm90"] - before == want, f"offset {offset}"
+        assert sm90.launches_sm90["fwd"] - before == want, f"offset {offset}"
         ref, _ = dense_attention(q.double(), k.double(), v.double(), *feats)
         eager, _ = dense_attention(q, k, v, *feats)
         assert_close_to_reference(out, eager, ref, name=f"offset {offset}")
     assert any(getattr(r, "__module__", "") == sm90.__name__ for r in dispatch._runners.values())
     q64, k64, v64 = (torch.randn(2, 4, 300, 64, device=dev, dtype=dt) for _ in range(3))
-    before = dict(launch_common.launches)
+    before, before_sm90 = dict(launch_common.launches), sm90.launches_sm90["fwd"]
     fused_attention(q64, k64, v64)
-    assert launch_common.launches["fwd_sm90"] == before["fwd_sm90"]
+    assert sm90.launches_sm90["fwd"] == before_sm90
     assert launch_common.launches["fwd"] == before["fwd"] + 1

@@ -10,7 +10,9 @@ looping over the G query heads of the group and their query tiles in steps of BL
 pass: deterministic, no atomics).  In the templates BLOCK_M always tiles queries and BLOCK_N
 keys.
 
-As in the forward, a launch is planned once per call signature (``forward._Plan``).
+As in the forward, a launch is planned once per call signature (``forward._Plan``).  The plan
+and launch machinery (``make_plan``, ``run_plan``) also serves the sm_90 backward
+(``kernels/sm90.py``: the same template rendered with ``tma=True``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class _Plan:
     pre_consts: dict  # attn_bwd_pre's
     fitted: dict = dataclasses.field(default_factory=dict)  # kernel name -> fitted config
     launchers: dict = dataclasses.field(default_factory=dict)  # (kernel name, config): see kernels/launcher.py
+    family: str = ""  # suffix of the kernels' launch_fitting keys ("_sm90" for the TMA variant)
 
     def launcher(self, name: str, cfg: Optional[BackwardConfig] = None) -> Launcher:
         """Kernel ``name``'s launcher under ``cfg`` (None for attn_bwd_pre, which has no config)."""
@@ -80,6 +83,14 @@ def _make_plan(bcall: BackwardCall, config: Optional[BackwardConfig], config_for
     B, Hq, M, N = call.batch, call.q_heads, call.q_len, call.kv_len
     cfg = choose(ConfigQuery("bwd", spec, q.dtype, B, Hq, call.kv_heads, M, N, q.device, call=call,
                              autotune=call.run.autotune), config, config_for)
+    return make_plan(bcall, spec, cfg, kernel_module)
+
+
+def make_plan(bcall: BackwardCall, spec: KernelSpec, cfg: BackwardConfig, module, family: str = "") -> _Plan:
+    """The plan of ``bcall`` under ``cfg``, its kernels from ``module(spec, interpret)``."""
+    call = bcall.forward
+    q = call.q
+    B, Hq, M, N = call.batch, call.q_heads, call.q_len, call.kv_len
     by_col = by_row = list(blockmap.NO_MAP_ARGS)
     if spec.block_map:
         by_col = by_row = None
@@ -93,8 +104,8 @@ def _make_plan(bcall: BackwardCall, config: Optional[BackwardConfig], config_for
     tail = (Hq, call.groups, M, N, *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N))
     interpret = q.device.type != "cuda"
     pre_consts = dict(HEAD_DIM_V=call.v_head_dim, HEAD_DIM_V_P=padded_head_dim(call.v_head_dim), BLOCK_M=_PRE_BLOCK_M)
-    return _Plan(spec, cfg, kernel_module(spec, interpret), tail, by_col, by_row, interpret, head_dims(spec),
-                 pre_consts)
+    return _Plan(spec, cfg, module(spec, interpret), tail, by_col, by_row, interpret, head_dims(spec),
+                 pre_consts, family=family)
 
 
 def _data_map_args(call, cfg: BackwardConfig) -> tuple[list, list]:
@@ -134,14 +145,28 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
                        config_for: Optional[ConfigProvider] = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """dq, dk, dv (shapes and dtypes of q, k, v) and one gradient per bias (empty if not needed)."""
     call = bcall.forward
-    q, k, v = call.q, call.k, call.v
     if call.empty:
-        # Nothing to launch: no score exists, so every gradient is a sum of nothing (zeros).
-        dbiases = [torch.zeros(b.shape, dtype=b.dtype, device=b.device) if need else b.new_empty((0,))
-                   for b, need in zip(call.biases, bcall.bias_needs_grad)]
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbiases
+        return empty_grads(bcall)
     plan = _plans.get(plan_key(call, bcall.signature, config, config_for),
                       lambda: _make_plan(bcall, config, config_for))
+    return run_plan(plan, bcall)
+
+
+def empty_grads(bcall: BackwardCall) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """The gradients of a call with no keys or no queries: nothing to launch, no score exists,
+    so every gradient is a sum of nothing (zeros)."""
+    call = bcall.forward
+    dbiases = [torch.zeros(b.shape, dtype=b.dtype, device=b.device) if need else b.new_empty((0,))
+               for b, need in zip(call.biases, bcall.bias_needs_grad)]
+    return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), dbiases
+
+
+def run_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Launch ``plan``'s kernels for ``bcall`` (not empty); ``strides`` gives the strides the
+    kernels get for q, k, v, grad_out and out (the sm_90 variant's descriptors want those of
+    size-1 dims replaced: ``sm90._tma_strides``)."""
+    call = bcall.forward
+    q, k, v = call.q, call.k, call.v
     spec = plan.spec
     grad_out, out, lse = bcall.grad_out, bcall.out, bcall.lse
     B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
@@ -169,22 +194,22 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
         if fitted is not None:
             run(fitted)
         else:
-            plan.fitted[name] = launch_fitting((name, spec), plan.cfg, run)
+            plan.fitted[name] = launch_fitting((name + plan.family, spec), plan.cfg, run)
 
     with render.interpreting() if plan.interpret else contextlib.nullcontext():
         plan.launcher("attn_bwd_pre")((cdiv(M, _PRE_BLOCK_M), B * Hq), out, grad_out, lse, delta, nan_rows,
-                                      *out.stride(), *grad_out.stride(), Hq, call.groups, M)
+                                      *strides(out), *strides(grad_out), Hq, call.groups, M)
         if shift is not None:
             # Tiles shaped like attn_bwd_dq's (which fit whenever dq's do); only query tiles
             # holding a row with a coarse lse loop over the keys.
             launch("attn_bwd_rowstats", lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq), lambda c: (
-                q, k, lse, shift, rinv, *extras, *q.stride(), *k.stride()))
+                q, k, lse, shift, rinv, *extras, *strides(q), *strides(k)))
         launch("attn_bwd_dkdv", lambda c: (cdiv(N, c.BLOCK_OWN), B * Hkv), lambda c: (
             q, k, v, grad_out, lse, delta, shift, rinv, nan_rows, dk, dv, seed_t, *by_col, *extras, *db_args,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride()))
+            *strides(q), *strides(k), *strides(v), *strides(grad_out), *dk.stride(), *dv.stride()))
         launch("attn_bwd_dq", lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq), lambda c: (
             q, k, v, grad_out, lse, delta, shift, rinv, dq, seed_t, *by_row, *extras,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride()))
+            *strides(q), *strides(k), *strides(v), *strides(grad_out), *dq.stride()))
     for i, dtype in finish:
         dbiases[i] = dbiases[i].to(dtype)
     return dq, dk, dv, dbiases

@@ -9,10 +9,15 @@ is the fallback for everything it refuses); ``configs_for`` is its autotune sear
 
 On CPU the kernel runs in Triton's interpreter (``refusal(call, interpret=True)``), which
 emulates the descriptors: what the tests check numerically.
+
+The backward (``attention_backward``, ``backward_refusal``) is the FA2 backward's template
+(templates/attention_bwd.py.jinja) rendered with ``tma=True``: the same kernels, which read Q,
+K, V, dO and O through TMA descriptors; its plans and launches are ``kernels/backward.py``'s.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -23,10 +28,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fusepass.autotune.config import ForwardConfig, arch_for, fits_registers, fits_shared_memory
-from fusepass.call import AttentionCall
+from fusepass.autotune.config import BackwardConfig, ForwardConfig, arch_for, fits_registers, fits_shared_memory
+from fusepass.call import AttentionCall, BackwardCall
 
-from . import blockmap, render
+from . import backward, blockmap, render
 from .heuristics import ConfigProvider, ConfigQuery
 from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, new_output, plan_key,
                             scalar_args, seed_tensor)
@@ -40,6 +45,9 @@ TEMPLATE = "attention_fwd_sm90.py.jinja"
 SERVED_DTYPES = (torch.float16, torch.bfloat16)
 SERVED_HEAD_DIMS = (64, 128)  # D and Dv: powers of two, so the TMA boxes need no column mask
 TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the last (1)
+# Calls this family served, by direction ("fwd", "bwd"): what tests read to know it ran.  Its
+# kernels also count in launch_common.launches under the kernel kinds they share with FA2.
+launches_sm90: collections.Counter = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,7 +408,7 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
     args = (q, call.k, v, out, lse, seed, *map_args, *extras)
 
     launches["fwd"] += 1  # a prefill forward, whichever family (forward_launches counts it)
-    launches["fwd_sm90"] += 1
+    launches_sm90["fwd"] += 1
     if not plan.interpret:
         ensure_allocator()
         if plan.fitted:  # the hot path
@@ -444,10 +452,152 @@ def runner(call: AttentionCall) -> Optional[Callable]:
         lse = new_output(lse_shape, torch.float32, device)
         extras = extra_args(biases, masks, mask_args) if biases or masks or mask_args else ()
         launches["fwd"] += 1
-        launches["fwd_sm90"] += 1
+        launches_sm90["fwd"] += 1
         ensure_allocator()
         launch(grid_, q, k, v, out, lse, seed_tensor(seed, device) if dropout else None, *map_args, *extras, tail=tail)
         return out, lse
 
     return run
 
+
+
+# The backward: templates/attention_bwd.py.jinja rendered with tma=True, launched by
+# kernels/backward.py's plan machinery (the FA2 backward's plans, grids and arguments).
+
+BWD_TEMPLATE = "attention_bwd.py.jinja"
+
+
+def _overlap_reason(name: str, t: Tensor) -> Optional[str]:
+    """Why ``t``'s rows cannot be a descriptor's rows (a row stride below the row's length,
+    e.g. an expanded tensor), or None."""
+    if t.shape[2] > 1 and t.stride(2) < t.shape[3]:
+        return f"{name}'s rows overlap (row stride {t.stride(2)} < {t.shape[3]})"
+    return None
+
+
+def backward_refusal(bcall: BackwardCall, *, interpret: bool = False,
+                     capability: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """None when the sm_90 backward serves ``bcall``, else why (one line): ``refusal``'s rules
+    for its forward call (capability 9.x, fp16/bf16, D and Dv in SERVED_HEAD_DIMS, TMA-readable
+    q, k, v), the same layout rules for grad_out and out, and rows that do not overlap.  Like
+    ``refusal``, a per-call rule (it reads the data pointers).  Everything it refuses runs on
+    the FA2 backward (fp32, its exact mode included, other head dims, unaligned views)."""
+    reason = refusal(bcall.forward, interpret=interpret, capability=capability)
+    if reason is not None:
+        return reason
+    for name, t in (("grad_out", bcall.grad_out), ("out", bcall.out)):
+        reason = _layout_reason(name, t)
+        if reason is not None:
+            return reason
+    call = bcall.forward
+    for name, t in (("q", call.q), ("k", call.k), ("v", call.v), ("grad_out", bcall.grad_out), ("out", bcall.out)):
+        reason = _overlap_reason(name, t)
+        if reason is not None:
+            return reason
+    return None
+
+
+# Which served backward calls the dispatch gives this family.  NOTE: H200, bf16, B=4 H=16 D=128
+# N=4096 (bench_sm90.py --backward, one run, RESULTS.md ninth session): forward+backward 388 /
+# 350 TFLOP/s (causal) against the FA2 pair's 322 / 308.  D=64 is unmeasured: the forward's
+# rule (D=128 only) until it is.
+PREFERRED_BACKWARD_HEAD_DIMS = (128,)
+
+
+def backward_choice_refusal(bcall: BackwardCall) -> Optional[str]:
+    """None when the dispatch should run ``bcall`` on the sm_90 backward (served, at a
+    preferred head dim), else why the FA2 backward runs it."""
+    reason = backward_refusal(bcall)
+    call = bcall.forward
+    if reason is None and max(call.head_dim, call.v_head_dim) not in PREFERRED_BACKWARD_HEAD_DIMS:
+        reason = f"head dim {max(call.head_dim, call.v_head_dim)}: the FA2 backward runs it"
+    return reason
+
+
+# The FA2 backward's measured H200 winners (kernels/heuristics.py: own 128 step 64 w8 at both
+# head dims, own 64 step 64 w4 s2 at D=128 with N <= 2k) with at least two stages, since the
+# TMA loads of Q and dO are what the pipeline overlaps.  NOTE: H200, bf16, B=4 H=16 D=128
+# N=4096 (bench_sm90.py --backward, one run): own 64 step 64 w4 s2 was the best of
+# _BWD_CANDIDATES causal or not (fwd+bwd 388 / 350 TFLOP/s; cuDNN 536 / 512, FA2 322 / 308),
+# so it is D=128's default at every N; D=64 is unmeasured.
+_BWD_DEFAULTS = {64: BackwardConfig(128, 64, 8, 2), 128: BackwardConfig(64, 64, 4, 2)}
+_BWD_SHORT = {64: BackwardConfig(128, 64, 8, 2), 128: BackwardConfig(64, 64, 4, 2)}  # N <= 2048
+_BWD_SHORT_N = 2048
+
+# The backward's search space by head dim (max of D, Dv): (BLOCK_OWN, BLOCK_STEP, warps, stages).
+_BWD_CANDIDATES = {
+    64: ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)),
+    128: ((128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 1), (128, 32, 8, 2)),
+}
+
+
+def backward_default_config(bcall: BackwardCall, *, interpret: bool = False) -> BackwardConfig:
+    """The backward's config when none is given (interpreter: the FA2 backward's small tiles)."""
+    if interpret:
+        return BackwardConfig(32, 32, 4, 1)
+    call = bcall.forward
+    table = _BWD_SHORT if call.kv_len <= _BWD_SHORT_N else _BWD_DEFAULTS
+    return table[_dim_class(call)]
+
+
+def backward_configs_for(bcall: BackwardCall) -> list[BackwardConfig]:
+    """The sm_90 backward's candidates for ``bcall`` that fit the H200 (the tuner's estimates)."""
+    call = bcall.forward
+    cands = [BackwardConfig(*c) for c in _BWD_CANDIDATES[_dim_class(call)]]
+    return [c for c in cands if _fits(c, call)]
+
+
+_bwd_modules: dict = {}
+
+
+def backward_module(spec: KernelSpec, interpret: bool):
+    """The rendered TMA backward module of ``spec`` (memoized per spec)."""
+    mod = _bwd_modules.get((spec, interpret))
+    if mod is None:
+        mod = _bwd_modules[(spec, interpret)] = render.load(BWD_TEMPLATE, dict(spec.render_params(), tma=True),
+                                                           interpret=interpret)
+    return mod
+
+
+_bwd_plans = PlanCache()
+
+
+def _make_bwd_plan(bcall: BackwardCall, config: Optional[BackwardConfig],
+                   config_for: Optional[ConfigProvider]):
+    call = bcall.forward
+    spec = KernelSpec.for_call(call, bias_needs_grad=bcall.bias_needs_grad)
+    interpret = call.q.device.type != "cuda"
+    if config is None and config_for is not None:
+        config = config_for(ConfigQuery("bwd", spec, call.q.dtype, call.batch, call.q_heads, call.kv_heads,
+                                        call.q_len, call.kv_len, call.q.device, call=call,
+                                        autotune=call.run.autotune))
+    if config is not None and not isinstance(config, BackwardConfig):
+        raise TypeError(f"fusepass: the sm_90 backward takes a BackwardConfig, got {config!r}")
+    cfg = config if config is not None else backward_default_config(bcall, interpret=interpret)
+    return backward.make_plan(bcall, spec, cfg, backward_module, family="_sm90")
+
+
+def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = None,
+                       config_for: Optional[ConfigProvider] = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """dq, dk, dv (shapes and dtypes of q, k, v) and one gradient per bias (empty where not
+    wanted): ``fusepass.kernels.backward.attention_backward``'s contract.  The caller checked
+    ``backward_refusal(bcall)``."""
+    call = bcall.forward
+    if call.empty:
+        return backward.empty_grads(bcall)
+    plan = _bwd_plans.get(plan_key(call, bcall.signature, config, config_for),
+                          lambda: _make_bwd_plan(bcall, config, config_for))
+    launches_sm90["bwd"] += 1
+    if not plan.interpret:
+        ensure_allocator()
+    return backward.run_plan(plan, bcall, strides=_tma_strides)
+
+
+def fitted_backward_config(bcall: BackwardCall, config: Optional[BackwardConfig] = None,
+                           config_for: Optional[ConfigProvider] = None) -> dict:
+    """Per backward kernel the config it really launched with (fewer stages where the asked one
+    did not fit), empty before the first launch: what benchmarks report."""
+    call = bcall.forward
+    plan = _bwd_plans.get(plan_key(call, bcall.signature, config, config_for),
+                          lambda: _make_bwd_plan(bcall, config, config_for))
+    return dict(plan.fitted)

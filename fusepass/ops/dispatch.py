@@ -76,6 +76,16 @@ def _on_sm90(call: AttentionCall) -> bool:
     return reason is None
 
 
+def _backward_on_sm90(call: BackwardCall) -> bool:
+    """Whether the sm_90 backward (the FA2 backward's kernels reading through TMA) runs ``call``."""
+    if not call.forward.q.is_cuda:
+        return False
+    reason = sm90.backward_choice_refusal(call)
+    if reason is not None:
+        log.debug("fusepass.attention: the FA2 backward, not sm_90: %s", reason)
+    return reason is None
+
+
 def _prefill(call: AttentionCall):
     if _on_sm90(call):
         # Its default config: the tuner's space and cache entries are the FA2 kernel's.
@@ -101,9 +111,13 @@ def run_forward(call: AttentionCall):
 
 def run_backward(call: BackwardCall):
     if kernel_reason(call.forward) is None:
-        from fusepass.kernels.backward import attention_backward
+        if _backward_on_sm90(call):
+            # Its default config: the tuner's space and cache entries are the FA2 backward's.
+            dq, dk, dv, dbiases = sm90.attention_backward(call)
+        else:
+            from fusepass.kernels.backward import attention_backward
 
-        dq, dk, dv, dbiases = attention_backward(call, config_for=tuning.kernel_config_provider)
+            dq, dk, dv, dbiases = attention_backward(call, config_for=tuning.kernel_config_provider)
     else:
         from .reference import attention_backward
 
