@@ -38,7 +38,8 @@ import fusepass  # noqa: F401  (registers the backend)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _decoder(cls, args, hidden=2048, heads=16, kv_heads=4, **extra):
+def _decoder(cls, args, hidden=2048, **extra):
+    heads, kv_heads = args.heads, args.kv_heads
     return cls(
         hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=args.layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
@@ -51,44 +52,44 @@ def build(name: str, args):
     """(model with eager attention, its config description, input builder, attention layers)."""
     import transformers as tf
 
-    h = args.hidden
+    h, nh, kv = args.hidden, args.heads, args.kv_heads
     if name == "llama":
         cfg = _decoder(tf.LlamaConfig, args, hidden=h)
-        return tf.LlamaModel(cfg), f"hidden {h}, GQA 16/4, D {h // 16}", _ids, cfg.num_hidden_layers
+        return tf.LlamaModel(cfg), f"hidden {h}, GQA {nh}/{kv}, D {h // nh}", _ids, cfg.num_hidden_layers
     if name == "mistral":
         cfg = _decoder(tf.MistralConfig, args, hidden=h, sliding_window=args.window)
-        return tf.MistralModel(cfg), f"hidden {h}, GQA 16/4, D {h // 16}, window {args.window}", _ids, \
+        return tf.MistralModel(cfg), f"hidden {h}, GQA {nh}/{kv}, D {h // nh}, window {args.window}", _ids, \
             cfg.num_hidden_layers
     if name == "gemma2":
         cfg = _decoder(tf.Gemma2Config, args, hidden=h, sliding_window=2 * args.window,
-                       query_pre_attn_scalar=h // 16, attn_logit_softcapping=50.0)
+                       query_pre_attn_scalar=h // nh, attn_logit_softcapping=50.0)
         kinds = "/".join(sorted(set(cfg.layer_types)))
-        return tf.Gemma2Model(cfg), (f"hidden {h}, GQA 16/4, D {h // 16}, softcap 50, window {2 * args.window} "
+        return tf.Gemma2Model(cfg), (f"hidden {h}, GQA {nh}/{kv}, D {h // nh}, softcap 50, window {2 * args.window} "
                                      f"({kinds} alternating)"), _ids, cfg.num_hidden_layers
     hs = args.small_hidden
     if name == "gpt2":
-        cfg = tf.GPT2Config(n_embd=hs, n_layer=args.layers, n_head=16, n_positions=max(2048, args.seq),
+        cfg = tf.GPT2Config(n_embd=hs, n_layer=args.layers, n_head=nh, n_positions=max(2048, args.seq),
                             vocab_size=32000, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
                             attn_implementation="eager")
-        return tf.GPT2Model(cfg), f"hidden {hs}, 16 heads, D {hs // 16}, causal", _ids, cfg.n_layer
+        return tf.GPT2Model(cfg), f"hidden {hs}, {nh} heads, D {hs // nh}, causal", _ids, cfg.n_layer
     if name == "bert":
-        cfg = tf.BertConfig(hidden_size=hs, num_hidden_layers=args.layers, num_attention_heads=16,
+        cfg = tf.BertConfig(hidden_size=hs, num_hidden_layers=args.layers, num_attention_heads=nh,
                             intermediate_size=4 * hs, vocab_size=32000, max_position_embeddings=max(2048, args.seq),
                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                             attn_implementation="eager")
         return tf.BertModel(cfg, add_pooling_layer=False), \
-            f"hidden {hs}, 16 heads, D {hs // 16}, padding mask (last sequence 3/4 valid)", _ids_padded, \
+            f"hidden {hs}, {nh} heads, D {hs // nh}, padding mask (last sequence 3/4 valid)", _ids_padded, \
             cfg.num_hidden_layers
     if name == "vit":
         if not hasattr(tf, "ViTModel"):
             return None
-        cfg = tf.ViTConfig(hidden_size=hs, num_hidden_layers=args.layers, num_attention_heads=16,
+        cfg = tf.ViTConfig(hidden_size=hs, num_hidden_layers=args.layers, num_attention_heads=nh,
                            intermediate_size=4 * hs, image_size=args.image, patch_size=8,
                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                            attn_implementation="eager")
         tokens = (args.image // 8) ** 2 + 1
         return tf.ViTModel(cfg, add_pooling_layer=False), \
-            f"hidden {hs}, 16 heads, D {hs // 16}, {args.image}px patch 8 ({tokens} tokens)", _pixels, \
+            f"hidden {hs}, {nh} heads, D {hs // nh}, {args.image}px patch 8 ({tokens} tokens)", _pixels, \
             cfg.num_hidden_layers
     raise SystemExit(f"unknown model {name!r}")
 
@@ -266,8 +267,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=2048, help="Llama, Mistral, Gemma2 (16 heads)")
-    p.add_argument("--small-hidden", type=int, default=1024, help="GPT-2, BERT, ViT (16 heads)")
+    p.add_argument("--hidden", type=int, default=2048, help="Llama, Mistral, Gemma2")
+    p.add_argument("--small-hidden", type=int, default=1024, help="GPT-2, BERT, ViT")
+    p.add_argument("--heads", type=int, default=16, help="attention heads of every model")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads of Llama, Mistral, Gemma2 (GQA)")
     p.add_argument("--window", type=int, default=512, help="Mistral's sliding window (Gemma2: twice this)")
     p.add_argument("--image", type=int, default=512, help="ViT image size (patch 8)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
