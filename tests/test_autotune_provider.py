@@ -155,3 +155,49 @@ def test_kernels_do_not_import_the_tuner():
             "for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_sm90_family_tunes_its_own_space_under_its_own_key(monkeypatch, tmp_path):
+    """A query of the Hopper family (ConfigQuery.family="sm90") times that family's candidates
+    (kernels/sm90.tuning_space) by launching its kernels (here in the interpreter), and caches
+    the winner under a key of its own: the FA2 kernels' entries for the same shape are not its."""
+    heur = pytest.importorskip("fusepass.kernels.heuristics")
+    sm90 = pytest.importorskip("fusepass.kernels.sm90")
+    from contextlib import nullcontext
+
+    from fusepass.autotune.cache import TuneCache
+    from fusepass.autotune.tuner import Tuner, set_default_tuner
+    from fusepass.call import AttentionCall
+    from fusepass.kernels.spec import KernelSpec
+
+    monkeypatch.setattr(provider, "TIMED_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(provider, "device_info", lambda index: ("Fake GPU", (9, 0), None))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    timed = []
+
+    def timer(runner):  # launches once; "time" favours 4 warps
+        runner()
+        cfg = runner.keywords["config"]
+        timed.append(cfg)
+        return 1.0 + abs(cfg.num_warps - 4) + cfg.BLOCK_N / 1000
+
+    q, k, v = (torch.randn(1, 2, 16, 64, dtype=torch.bfloat16) for _ in range(3))
+    call = AttentionCall.build(q, k, v, mask_expr="j <= i")
+    tuner = Tuner(TuneCache(tmp_path), timer)
+    set_default_tuner(tuner)
+    provider.configure(Options(autotune=True))
+    try:
+        query = heur.ConfigQuery("fwd", KernelSpec.for_call(call), torch.bfloat16, 1, 2, 2, 16, 16,
+                                 torch.device("cpu"), call=call, family=sm90.FAMILY)
+        cfg = provider.kernel_config_provider(query)
+        default, cands = sm90.tuning_space("fwd", call)
+        assert set(timed) == set(cands) | {default}
+        assert cfg == min(timed, key=lambda c: (abs(c.num_warps - 4), c.BLOCK_N))
+        (key,) = TuneCache(tmp_path).entries()
+        assert key.features.endswith(",family=sm90") and key.features.startswith("expr=j <= i")
+    finally:
+        set_default_tuner(None)
+        provider._fast.clear()

@@ -160,7 +160,12 @@ def _kernel_bench_fn(query: ConfigQuery) -> BenchFn | None:
             state["call"] = call
         return state["call"]
 
-    launcher = attention_forward if query.direction == "fwd" else attention_backward
+    if query.family == "sm90":
+        from ..kernels import sm90
+
+        launcher = sm90.attention_forward if query.direction == "fwd" else sm90.attention_backward
+    else:
+        launcher = attention_forward if query.direction == "fwd" else attention_backward
 
     def bench(cfg: LaunchConfig) -> Runner:
         return functools.partial(launcher, timed(), config=cfg)
@@ -173,10 +178,11 @@ def query_key(query: ConfigQuery) -> TuneKey:
     spec = query.spec
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
     name, capability, _ = device_info(index)
+    features = ",".join(f for f in (feature_signature(spec), query.family and f"family={query.family}") if f)
     return TuneKey.build(
         gpu=name, capability=capability, template_hash=template_hash(), dtype=query.dtype,
         head_dim=spec.head_dim, value_head_dim=spec.v_head_dim, seq_q=query.q_len, seq_k=query.kv_len,
-        direction=query.direction, features=feature_signature(spec),
+        direction=query.direction, features=features,
         gqa_group=max(1, query.q_heads // max(1, query.kv_heads)),
     )
 
@@ -188,8 +194,8 @@ def kernel_config_provider(query: ConfigQuery) -> LaunchConfig | None:
     wanted = query.autotune if query.autotune is not None else autotune_enabled()
     if not wanted or query.device.type not in TIMED_DEVICE_TYPES:
         return None
-    fast = ("hook", query.direction, query.device.index, query.dtype, query.spec, query.q_heads // max(1, query.kv_heads),
-            bucket(query.q_len), bucket(query.kv_len))
+    fast = ("hook", query.direction, query.family, query.device.index, query.dtype, query.spec,
+            query.q_heads // max(1, query.kv_heads), bucket(query.q_len), bucket(query.kv_len))
     cfg = _fast.get(fast)
     if cfg is not None:
         return cfg
@@ -213,13 +219,20 @@ def kernel_config_provider(query: ConfigQuery) -> LaunchConfig | None:
             return None
         # The config the launch would run without us (block-map and length aware): the baseline
         # the tuned config must beat, timed with the candidates.
-        default = heuristics.default_for(query)
+        if query.family == "sm90" and query.call is None:
+            return None  # its space is read from the call (kernels/sm90.tuning_space)
         bench_fn = _kernel_bench_fn(query)
-        arch = arch_for(capability, smem)
-        cands = space.candidates(
-            arch, key.head_dim, key.dtype, value_head_dim=key.value_head_dim, direction=key.direction,
-            m_bucket=key.m_bucket, n_bucket=key.n_bucket,
-        )
+        if query.family == "sm90":
+            from ..kernels import sm90
+
+            default, cands = sm90.tuning_space(query.direction, query.call)
+        else:
+            default = heuristics.default_for(query)
+            arch = arch_for(capability, smem)
+            cands = space.candidates(
+                arch, key.head_dim, key.dtype, value_head_dim=key.value_head_dim, direction=key.direction,
+                m_bucket=key.m_bucket, n_bucket=key.n_bucket,
+            )
         shape = (("B", query.batch), ("Hq", query.q_heads), ("Hkv", query.kv_heads), ("M", query.q_len),
                  ("N", query.kv_len), ("D", spec.head_dim), ("Dv", spec.v_head_dim))
         with torch.cuda.device(index):

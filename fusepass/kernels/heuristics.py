@@ -34,6 +34,9 @@ class ConfigQuery:
     call: Optional[AttentionCall] = dataclasses.field(default=None, compare=False, repr=False)
     # The compile's autotune option for this call (None: the process default, FUSEPASS_AUTOTUNE).
     autotune: Optional[bool] = None
+    # Which kernels the config is for: "" the FA2 family, "sm90" the Hopper one (its own search
+    # space and cache entries: kernels/sm90.tuning_space).
+    family: str = ""
 
 
 # What a launcher may be given to pick its config (the autotuner's, passed by ops/dispatch):

@@ -42,6 +42,7 @@ from .support import fallback_reason
 log = logging.getLogger(__name__)
 
 TEMPLATE = "attention_fwd_sm90.py.jinja"
+FAMILY = "sm90"  # ConfigQuery.family: the tuner's key and space for this family
 SERVED_DTYPES = (torch.float16, torch.bfloat16)
 SERVED_HEAD_DIMS = (64, 128)  # D and Dv: powers of two, so the TMA boxes need no column mask
 TMA_ALIGN = 16  # bytes: a descriptor's base address and every stride but the last (1)
@@ -229,7 +230,7 @@ def _choose(call: AttentionCall, spec: KernelSpec, config: Optional[ForwardConfi
     if config is None and config_for is not None:
         config = config_for(ConfigQuery("fwd", spec, call.q.dtype, call.batch, call.q_heads, call.kv_heads,
                                         call.q_len, call.kv_len, call.q.device, call=call,
-                                        autotune=call.run.autotune))
+                                        autotune=call.run.autotune, family=FAMILY))
     if config is not None and not isinstance(config, ForwardConfig):
         raise TypeError(f"fusepass: the sm_90 forward takes a ForwardConfig or Sm90Config, got {config!r}")
     return _as_sm90(config) if config is not None else default_config(call, interpret=interpret)
@@ -432,13 +433,13 @@ def aligned(q: Tensor, k: Tensor, v: Tensor) -> bool:
             and v.data_ptr() % TMA_ALIGN == 0)
 
 
-def runner(call: AttentionCall) -> Optional[Callable]:
+def runner(call: AttentionCall, config_for: Optional[ConfigProvider] = None) -> Optional[Callable]:
     """As ``fusepass.kernels.forward.runner``: a function of (q, k, v, biases, masks, seed) for
     later calls of ``call``'s signature, which returns None (the caller then takes the full
     path) for tensors whose data pointers are not TMA-aligned."""
     if call.empty:
         return None
-    plan = _plans.get(plan_key(call, call.signature, None, None), lambda: _make_plan(call, None, None))
+    plan = _plans.get(plan_key(call, call.signature, None, config_for), lambda: _make_plan(call, None, config_for))
     if not plan.fitted or plan.interpret or plan.map_args is None:
         return None
     out_shape, lse_shape = (call.batch, call.q_heads, call.q_len, call.v_head_dim), (call.batch, call.q_heads, call.q_len)
@@ -535,16 +536,35 @@ def backward_default_config(bcall: BackwardCall, *, interpret: bool = False) -> 
     """The backward's config when none is given (interpreter: the FA2 backward's small tiles)."""
     if interpret:
         return BackwardConfig(32, 32, 4, 1)
-    call = bcall.forward
+    return _backward_default(bcall.forward)
+
+
+def _backward_default(call: AttentionCall) -> BackwardConfig:
     table = _BWD_SHORT if call.kv_len <= _BWD_SHORT_N else _BWD_DEFAULTS
     return table[_dim_class(call)]
 
 
 def backward_configs_for(bcall: BackwardCall) -> list[BackwardConfig]:
     """The sm_90 backward's candidates for ``bcall`` that fit the H200 (the tuner's estimates)."""
-    call = bcall.forward
+    return _backward_candidates(bcall.forward)
+
+
+def _backward_candidates(call: AttentionCall) -> list[BackwardConfig]:
     cands = [BackwardConfig(*c) for c in _BWD_CANDIDATES[_dim_class(call)]]
     return [c for c in cands if _fits(c, call)]
+
+
+def tuning_space(direction: str, call: AttentionCall) -> tuple[ForwardConfig | BackwardConfig, list]:
+    """(default, candidates) the autotuner times for this family's ``direction`` ("fwd", "bwd")
+    kernels on ``call``'s shape.  Forward candidates are plain ForwardConfigs: the
+    warp-specialized ones do not build on triton 3.6 for sm_90 (RESULTS.md, ninth session), and
+    the cache's forward entries have no warp_specialize field."""
+    if direction == "bwd":
+        return _backward_default(call), _backward_candidates(call)
+    plain = [ForwardConfig(c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) for c in configs_for(call)
+             if not c.warp_specialize]
+    d = default_config(call)
+    return ForwardConfig(d.BLOCK_M, d.BLOCK_N, d.num_warps, d.num_stages), plain
 
 
 _bwd_modules: dict = {}
@@ -570,7 +590,7 @@ def _make_bwd_plan(bcall: BackwardCall, config: Optional[BackwardConfig],
     if config is None and config_for is not None:
         config = config_for(ConfigQuery("bwd", spec, call.q.dtype, call.batch, call.q_heads, call.kv_heads,
                                         call.q_len, call.kv_len, call.q.device, call=call,
-                                        autotune=call.run.autotune))
+                                        autotune=call.run.autotune, family=FAMILY))
     if config is not None and not isinstance(config, BackwardConfig):
         raise TypeError(f"fusepass: the sm_90 backward takes a BackwardConfig, got {config!r}")
     cfg = config if config is not None else backward_default_config(bcall, interpret=interpret)

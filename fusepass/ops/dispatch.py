@@ -88,8 +88,7 @@ def _backward_on_sm90(call: BackwardCall) -> bool:
 
 def _prefill(call: AttentionCall):
     if _on_sm90(call):
-        # Its default config: the tuner's space and cache entries are the FA2 kernel's.
-        return sm90.attention_forward(call)
+        return sm90.attention_forward(call, config_for=tuning.kernel_config_provider)
     return prefill.attention_forward(call, config_for=tuning.kernel_config_provider)
 
 
@@ -112,8 +111,7 @@ def run_forward(call: AttentionCall):
 def run_backward(call: BackwardCall):
     if kernel_reason(call.forward) is None:
         if _backward_on_sm90(call):
-            # Its default config: the tuner's space and cache entries are the FA2 backward's.
-            dq, dk, dv, dbiases = sm90.attention_backward(call)
+            dq, dk, dv, dbiases = sm90.attention_backward(call, config_for=tuning.kernel_config_provider)
         else:
             from fusepass.kernels.backward import attention_backward
 
@@ -159,7 +157,7 @@ def _runner_for(call: AttentionCall):
     if decode.size_refusal(call, growing=decode.moved(call), captured=decode.captured_serves(call)) is None:
         return decode.runner(call)
     if _on_sm90(call):
-        return sm90.runner(call)
+        return sm90.runner(call, tuning.kernel_config_provider)
     return prefill.runner(call, tuning.kernel_config_provider)
 
 
