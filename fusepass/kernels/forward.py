@@ -71,12 +71,7 @@ def _make_plan(call: AttentionCall, config: Optional[ForwardConfig], config_for:
     cfg = choose(ConfigQuery("fwd", spec, q.dtype, B, Hq, call.kv_heads, M, N, q.device, call=call,
                              autotune=call.run.autotune), config, config_for)
     interpret = q.device.type != "cuda"
-    map_args = list(blockmap.NO_MAP_ARGS)
-    if spec.block_map:
-        map_args = None
-        if not call.masks:
-            map_args = blockmap.call_lists(call.mask_expr, call.mask_args, (), B, Hq, M, N, cfg.BLOCK_M,
-                                           cfg.BLOCK_N, q.device, by="row").kernel_args()
+    map_args = signature_map_args(call, spec, cfg)
     # The output is allocated contiguous: its strides are known now.
     Dv = call.v_head_dim
     out_strides = (Hq * M * Dv, M * Dv, Dv, 1)
@@ -87,10 +82,21 @@ def _make_plan(call: AttentionCall, config: Optional[ForwardConfig], config_for:
                  map_args, interpret)
 
 
-def _data_map_args(call: AttentionCall, plan: _Plan) -> list:
-    # The masks' tile classes, once per call: kept (at a granularity the backward's tiles are
-    # unions of) for the backward of this call.
-    cfg = plan.cfg
+def signature_map_args(call: AttentionCall, spec: KernelSpec, cfg: ForwardConfig) -> Optional[list]:
+    """The forward kernels' block-map arguments when the call's signature decides them (none,
+    or a predicate's tile lists), else None: bool masks' are read from their contents per call
+    (``data_map_args``).  Shared with the sm_90 forward, which walks tiles the same way."""
+    if not spec.block_map:
+        return list(blockmap.NO_MAP_ARGS)
+    if call.masks:
+        return None
+    return blockmap.call_lists(call.mask_expr, call.mask_args, (), call.batch, call.q_heads, call.q_len,
+                               call.kv_len, cfg.BLOCK_M, cfg.BLOCK_N, call.q.device, by="row").kernel_args()
+
+
+def data_map_args(call: AttentionCall, cfg: ForwardConfig) -> list:
+    """The block-map arguments of a call with bool masks, from the masks' tile classes (kept, at
+    a granularity the backward's tiles are unions of, for the backward of this call)."""
     g = blockmap.granule(cfg.BLOCK_M, cfg.BLOCK_N)
     base = blockmap.data_classes(call.masks, call.q_len, call.kv_len, g, g, store=True)
     data = blockmap.coarsen(base, cfg.BLOCK_M // g, cfg.BLOCK_N // g)
@@ -114,7 +120,7 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
                       lambda: _make_plan(call, config, config_for))
     out = new_output((B, Hq, M, call.v_head_dim), out_dtype or v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
-    map_args = plan.map_args if plan.map_args is not None else _data_map_args(call, plan)
+    map_args = plan.map_args if plan.map_args is not None else data_map_args(call, plan.cfg)
     seed = seed_tensor(call.seed, q.device) if plan.spec.dropout else None
     extras = extra_args(call.biases, call.masks, call.mask_args)
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from fusepass.autotune.config import BackwardConfig, ForwardConfig, arch_for, fits_registers, fits_shared_memory
 from fusepass.call import AttentionCall, BackwardCall
 
-from . import backward, blockmap, render
+from . import backward, forward, render
 from .heuristics import ConfigProvider, ConfigQuery
 from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launch_fitting, launches, new_output, plan_key,
                             scalar_args, seed_tensor)
@@ -225,12 +225,16 @@ def _as_sm90(cfg: ForwardConfig) -> Sm90Config:
     return cfg
 
 
+def _query(direction: str, spec: KernelSpec, call: AttentionCall) -> ConfigQuery:
+    """What this family asks the tuner for one launch of ``call`` (its own space and key)."""
+    return ConfigQuery(direction, spec, call.q.dtype, call.batch, call.q_heads, call.kv_heads, call.q_len,
+                       call.kv_len, call.q.device, call=call, autotune=call.run.autotune, family=FAMILY)
+
+
 def _choose(call: AttentionCall, spec: KernelSpec, config: Optional[ForwardConfig],
             config_for: Optional[ConfigProvider], interpret: bool) -> Sm90Config:
     if config is None and config_for is not None:
-        config = config_for(ConfigQuery("fwd", spec, call.q.dtype, call.batch, call.q_heads, call.kv_heads,
-                                        call.q_len, call.kv_len, call.q.device, call=call,
-                                        autotune=call.run.autotune, family=FAMILY))
+        config = config_for(_query("fwd", spec, call))
     if config is not None and not isinstance(config, ForwardConfig):
         raise TypeError(f"fusepass: the sm_90 forward takes a ForwardConfig or Sm90Config, got {config!r}")
     return _as_sm90(config) if config is not None else default_config(call, interpret=interpret)
@@ -341,28 +345,13 @@ def _make_plan(call: AttentionCall, config: Optional[ForwardConfig], config_for:
     B, Hq, M, N = call.batch, call.q_heads, call.q_len, call.kv_len
     interpret = q.device.type != "cuda"
     cfg = _choose(call, spec, config, config_for, interpret)
-    map_args = list(blockmap.NO_MAP_ARGS)
-    if spec.block_map:
-        map_args = None
-        if not call.masks:
-            map_args = blockmap.call_lists(call.mask_expr, call.mask_args, (), B, Hq, M, N, cfg.BLOCK_M,
-                                           cfg.BLOCK_N, q.device, by="row").kernel_args()
+    map_args = forward.signature_map_args(call, spec, cfg)
     Dv = call.v_head_dim
     out_strides = (Hq * M * Dv, M * Dv, Dv, 1)  # the output is allocated contiguous
     tail = (*_tma_strides(q), *_tma_strides(k), *_tma_strides(v), *out_strides, Hq, call.groups, M, N,
             *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N))
     return _Plan(spec, cfg, kernel_module(spec, interpret).attn_fwd_sm90, grid(M, B, Hq, cfg), tail, map_args,
                  interpret)
-
-
-def _mask_map_args(call: AttentionCall, cfg: ForwardConfig) -> list:
-    """The bool masks' tile lists for this call, as the FA2 forward computes them (classes kept
-    at a granularity its backward's tiles are unions of)."""
-    g = blockmap.granule(cfg.BLOCK_M, cfg.BLOCK_N)
-    base = blockmap.data_classes(call.masks, call.q_len, call.kv_len, g, g, store=True)
-    data = blockmap.coarsen(base, cfg.BLOCK_M // g, cfg.BLOCK_N // g)
-    return blockmap.call_lists(call.mask_expr, call.mask_args, call.masks, call.batch, call.q_heads, call.q_len,
-                               call.kv_len, cfg.BLOCK_M, cfg.BLOCK_N, call.q.device, by="row", data=data).kernel_args()
 
 
 def _fit(plan: _Plan, launch) -> Sm90Config:
@@ -403,7 +392,7 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
                       lambda: _make_plan(call, config, config_for))
     out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
-    map_args = plan.map_args if plan.map_args is not None else _mask_map_args(call, plan.cfg)
+    map_args = plan.map_args if plan.map_args is not None else forward.data_map_args(call, plan.cfg)
     seed = seed_tensor(call.seed, q.device) if plan.spec.dropout else None
     extras = extra_args(call.biases, call.masks, call.mask_args)
     args = (q, call.k, v, out, lse, seed, *map_args, *extras)
@@ -588,9 +577,7 @@ def _make_bwd_plan(bcall: BackwardCall, config: Optional[BackwardConfig],
     spec = KernelSpec.for_call(call, bias_needs_grad=bcall.bias_needs_grad)
     interpret = call.q.device.type != "cuda"
     if config is None and config_for is not None:
-        config = config_for(ConfigQuery("bwd", spec, call.q.dtype, call.batch, call.q_heads, call.kv_heads,
-                                        call.q_len, call.kv_len, call.q.device, call=call,
-                                        autotune=call.run.autotune, family=FAMILY))
+        config = config_for(_query("bwd", spec, call))
     if config is not None and not isinstance(config, BackwardConfig):
         raise TypeError(f"fusepass: the sm_90 backward takes a BackwardConfig, got {config!r}")
     cfg = config if config is not None else backward_default_config(bcall, interpret=interpret)
