@@ -193,9 +193,9 @@ def growth_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fil
             fp32_dot_precision() if q.dtype == torch.float32 else None)
 
 
-# Growers (decode.grower) by growth_key, with the same markers: bound once a structure has been
-# called with a second key length or other mask arguments (decode.moved), so a decode step (a
-# new runner_key each step) skips building and validating the call from then on.
+# Growers (decode.grower) by growth_key, with the same markers: bound once a structure's family
+# is decode at any length (see _grower_for), so a decode step (a new runner_key each step) skips
+# building and validating the call from then on.
 _growers: dict = {}
 
 
