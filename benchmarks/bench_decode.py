@@ -37,6 +37,17 @@ def plain_attention(q, k, v, keep):
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
 
 
+def additive(q, k, v, pad):
+    """A padding mask as transformers' eager attention writes it: added to the scores as 0 or the
+    dtype's minimum (a finite fill), before a float32 softmax."""
+    G = q.shape[1] // k.shape[1]
+    k = k[:, :, None].expand(-1, -1, G, -1, -1).reshape(q.shape[0], q.shape[1], k.shape[2], k.shape[3])
+    v = v[:, :, None].expand(-1, -1, G, -1, -1).reshape(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
+    bias = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill(~pad, torch.finfo(q.dtype).min)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
 def windowed(q, k, v, pad):
     """Sliding window over the cache, read from code (a position predicate), and a padding mask."""
     M, N = q.shape[2], k.shape[2]
@@ -59,6 +70,8 @@ def providers(q, k, v, pad, mask_kind):
         code, keep4 = (lambda q, k, v: plain_attention(q, k, v, None)), None
     elif mask_kind == "padding":
         code, keep4 = (lambda q, k, v: plain_attention(q, k, v, pad)), pad.expand(B, 1, M, N)
+    elif mask_kind == "padding, finite fill":  # what a transformers eager model's decode step runs
+        code, keep4 = (lambda q, k, v: additive(q, k, v, pad)), pad.expand(B, 1, M, N)
     else:
         code = lambda q, k, v: windowed(q, k, v, pad)  # noqa: E731
         i = torch.arange(M, device=q.device)[:, None] + (N - M)
@@ -93,7 +106,7 @@ SHAPES_FULL = [  # (B, N, Hkv, D, mask)
     (8, 4096, 8, 128, "none"), (8, 32768, 8, 128, "none"), (1, 131072, 8, 128, "none"),
     (1, 1024, 8, 128, "none"), (32, 4096, 8, 128, "none"), (8, 16384, 32, 128, "none"),
     (8, 16384, 4, 128, "none"), (8, 16384, 8, 64, "none"), (8, 8192, 8, 128, "padding"),
-    (8, 32768, 8, 128, "window"),
+    (8, 8192, 8, 128, "padding, finite fill"), (8, 32768, 8, 128, "window"),
 ]
 SHAPES_QUICK = SHAPES_FULL[:4]
 
@@ -198,7 +211,7 @@ def families(dev: str) -> None:
 def _keep(q, k, pad, mask_kind):
     B, _, M, _ = q.shape
     N = k.shape[2]
-    if mask_kind == "padding":
+    if mask_kind.startswith("padding"):  # no row is all padding: either fill gives one softmax
         return pad.expand(B, 1, M, N)
     i = torch.arange(M, device=q.device)[:, None] + (N - M)
     j = torch.arange(N, device=q.device)[None, :]
