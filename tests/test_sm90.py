@@ -349,3 +349,49 @@ def test_gpu_the_op_runs_sm90_at_d128_and_fa2_for_a_misaligned_view():
     fused_attention(q64, k64, v64)
     assert sm90.launches_sm90["fwd"] == before_sm90
     assert launch_common.launches["fwd"] == before["fwd"] + 1
+
+
+def test_the_dispatch_runs_both_sm90_directions_where_the_rule_says(monkeypatch):
+    """The op's path to the sm_90 kernels, on CPU: the interpreter stands in for the GPU
+    (dispatch._binds, and the family's refusals with interpret=True).  Through the op with
+    autograd, a D=128 call runs the sm_90 forward and backward, and its output and gradients
+    match float64; a view of the same signature 2 bytes off, and a D=64 call, run the FA2
+    kernels.  (On a GPU: test_gpu_the_op_runs_sm90_at_d128_and_fa2_for_a_misaligned_view.)"""
+    import functools
+
+    from fusepass.ops import dispatch
+    from fusepass.ops.attention import fused_attention
+
+    monkeypatch.setenv("FUSEPASS_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_binds", lambda q: True)
+    monkeypatch.setattr(sm90, "refusal", functools.partial(sm90.refusal, interpret=True))
+    monkeypatch.setattr(sm90, "backward_refusal", functools.partial(sm90.backward_refusal, interpret=True))
+    torch.manual_seed(0)
+    base = torch.randn(1, 2, 40, 136, dtype=torch.bfloat16)
+    k, v, dout = (torch.randn(1, 2, 40, 128, dtype=torch.bfloat16) for _ in range(3))
+    for offset, sm90_runs in ((0, 1), (1, 0)):
+        q = base[..., offset:offset + 128]
+        q_base, kl, vl = (t.detach().clone().requires_grad_(True) for t in (base, k, v))
+        q_view = q_base[..., offset:offset + 128]  # offset 1: 2 bytes off, same shape and strides
+        before = dict(sm90.launches_sm90)
+        out = fused_attention(q_view, kl, vl, mask_expr=CAUSAL)
+        out.backward(dout)
+        got_grads = (q_base.grad[..., offset:offset + 128], kl.grad, vl.grad)
+        assert sm90.launches_sm90["fwd"] - before.get("fwd", 0) == sm90_runs, f"offset {offset}"
+        assert sm90.launches_sm90["bwd"] - before.get("bwd", 0) == sm90_runs, f"offset {offset}"
+        feats = ([], [], None, 128 ** -0.5, 0.0, 0.0, -math.inf, CAUSAL, [])
+        for dtype, name in ((torch.float64, "ref"), (torch.bfloat16, "eager")):
+            xs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+            o, _ = dense_attention(*xs, *feats)
+            o.backward(dout.to(dtype))
+            if name == "ref":
+                ref_out, ref_grads = o, [x.grad for x in xs]
+            else:
+                eager_out, eager_grads = o, [x.grad for x in xs]
+        assert_close_to_reference(out, eager_out, ref_out, name=f"out, offset {offset}")
+        for label, got, e, r in zip("qkv", got_grads, eager_grads, ref_grads):
+            assert_close_to_reference(got, e, r, name=f"d{label}, offset {offset}")
+    q64, k64, v64 = (torch.randn(1, 2, 40, 64, dtype=torch.bfloat16) for _ in range(3))
+    before = dict(sm90.launches_sm90)
+    fused_attention(q64, k64, v64)
+    assert sm90.launches_sm90 == before  # D=64: the FA2 forward is faster there

@@ -68,7 +68,7 @@ def _reason(device, dtype, head_dim, v_head_dim, mask_fill, softcap, interpret):
 def _on_sm90(call: AttentionCall) -> bool:
     """Whether the prefill family's sm_90 kernel runs ``call`` (kernels/sm90.py has the rule;
     the FA2 forward runs the rest)."""
-    if not call.q.is_cuda:
+    if not _binds(call.q):
         return False
     reason = sm90.choice_refusal(call)
     if reason is not None:
@@ -78,7 +78,7 @@ def _on_sm90(call: AttentionCall) -> bool:
 
 def _backward_on_sm90(call: BackwardCall) -> bool:
     """Whether the sm_90 backward (the FA2 backward's kernels reading through TMA) runs ``call``."""
-    if not call.forward.q.is_cuda:
+    if not _binds(call.forward.q):
         return False
     reason = sm90.backward_choice_refusal(call)
     if reason is not None:
@@ -216,7 +216,8 @@ def _grower_for(call: AttentionCall):
 
 
 def _binds(q) -> bool:
-    """Whether calls on ``q``'s device take runners and growers (the interpreter plans per call)."""
+    """Whether calls on ``q``'s device take runners, growers and the sm_90 family (CUDA; the
+    interpreter plans per call, and its tests stand it in for CUDA by patching this)."""
     return q.is_cuda
 
 
