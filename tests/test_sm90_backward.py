@@ -23,7 +23,7 @@ from fusepass.kernels import backward, launch_common, launcher, render, sm90  # 
 from fusepass.kernels.spec import KernelSpec  # noqa: E402
 from fusepass.ops.dispatch import backward_call, forward_call  # noqa: E402
 
-from kernel_cases import Case, dense_attention  # noqa: E402
+from kernel_cases import Case, assert_grads_match, dense_attention  # noqa: E402
 
 CAUSAL = "j <= i + (N - M)"
 HAS_CUDA = torch.cuda.is_available()
@@ -61,21 +61,9 @@ def run_bwd_case(case: Case, device="cpu", config=None, factor=4.0, against_fa2=
     dq, dk, dv, dbs = sm90.attention_backward(bcall, config)
     after = sm90.launches_sm90["bwd"], launch_common.launches["dkdv"], launch_common.launches["dq"]
     assert after == tuple(b + 1 for b in before)
-
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, *biases)]
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, *biases)]
-    ref, _ = dense_attention(*leaves64[:3], leaves64[3:], masks, *feats)
-    eager, _ = dense_attention(*leaves[:3], leaves[3:], masks, *feats)
-    g64 = torch.autograd.grad(ref, leaves64, do.double())
-    g = torch.autograd.grad(eager, leaves, do)
+    assert_grads_match(case, (dq, dk, dv, dbs), (q, k, v, biases, masks), feats, do, factor)
     names = ["dq", "dk", "dv"] + [f"dbias{i}" for i in range(len(biases))]
     got = [dq, dk, dv] + list(dbs)
-    for name, a, e, r in zip(names, got, g, g64):
-        if name.startswith("dbias") and not case.bias_grad:
-            assert a.numel() == 0
-            continue
-        assert a.shape == r.shape, f"{name}: shape {tuple(a.shape)} != {tuple(r.shape)}"
-        assert_close_to_reference(a, e, r, factor=factor, name=name)
     if against_fa2:
         fa2 = backward.attention_backward(bcall, config)
         for name, a, b in zip(names, got, [*fa2[:3], *fa2[3]]):
