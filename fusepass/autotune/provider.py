@@ -27,7 +27,7 @@ from .tuner import BenchFn, Runner, Tuner, default_tuner
 from ..kernels.backward import attention_backward
 from ..kernels.forward import attention_forward
 from ..call import AttentionCall, BackwardCall
-from ..kernels import heuristics
+from ..kernels import heuristics, sm90
 from ..kernels.heuristics import ConfigQuery
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,11 @@ def _timed_call(query: ConfigQuery, q: Tensor, k: Tensor, v: Tensor) -> Attentio
                                mask_fill=fill, mask_expr=spec.expr)
 
 
+# What times a candidate, by (ConfigQuery.family, direction).
+_LAUNCHERS = {("", "fwd"): attention_forward, ("", "bwd"): attention_backward,
+              (sm90.FAMILY, "fwd"): sm90.attention_forward, (sm90.FAMILY, "bwd"): sm90.attention_backward}
+
+
 def _kernel_bench_fn(query: ConfigQuery) -> BenchFn | None:
     """``bench_fn`` that calls the kernel launcher with an explicit config on random q, k, v of
     the query's shape (and the call's own other arguments when the query has one)."""
@@ -160,12 +165,7 @@ def _kernel_bench_fn(query: ConfigQuery) -> BenchFn | None:
             state["call"] = call
         return state["call"]
 
-    if query.family == "sm90":
-        from ..kernels import sm90
-
-        launcher = sm90.attention_forward if query.direction == "fwd" else sm90.attention_backward
-    else:
-        launcher = attention_forward if query.direction == "fwd" else attention_backward
+    launcher = _LAUNCHERS[query.family, query.direction]
 
     def bench(cfg: LaunchConfig) -> Runner:
         return functools.partial(launcher, timed(), config=cfg)
@@ -219,12 +219,10 @@ def kernel_config_provider(query: ConfigQuery) -> LaunchConfig | None:
             return None
         # The config the launch would run without us (block-map and length aware): the baseline
         # the tuned config must beat, timed with the candidates.
-        if query.family == "sm90" and query.call is None:
+        if query.family == sm90.FAMILY and query.call is None:
             return None  # its space is read from the call (kernels/sm90.tuning_space)
         bench_fn = _kernel_bench_fn(query)
-        if query.family == "sm90":
-            from ..kernels import sm90
-
+        if query.family == sm90.FAMILY:
             default, cands = sm90.tuning_space(query.direction, query.call)
         else:
             default = heuristics.default_for(query)
