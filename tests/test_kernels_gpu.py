@@ -156,8 +156,9 @@ def test_repeated_backwards_launch_directly_and_match_the_first():
 
 
 def test_runners_serve_repeated_calls_with_the_first_call_s_results():
-    """A signature's second call binds a runner (ops/dispatch.py); later calls take it and give
-    the same outputs as the full path, for both families; another signature is planned anew."""
+    """A signature's second call binds a runner, or a decode structure's first binds a grower
+    (ops/dispatch.py); later calls take it and give the same outputs as the full path, for both
+    families; another signature is planned anew."""
     from fusepass.kernels import launch_common
     from fusepass.ops import dispatch
 
@@ -175,7 +176,13 @@ def test_runners_serve_repeated_calls_with_the_first_call_s_results():
             out, lse = dispatch.forward(*args)
             assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
         assert launch_common.forward_launches() == before + 3
-        assert callable(dispatch._runners[dispatch.runner_key(*args, "")])  # run: the op's default
+        # run "": the op's default.  A query against a cache above the decode floor is served by
+        # its structure's grower from the second call on (it never binds a runner), a prefill
+        # call by its runner.
+        if q.shape[2] == 1:
+            assert callable(dispatch._growers[dispatch.growth_key(*args, "")])
+        else:
+            assert callable(dispatch._runners[dispatch.runner_key(*args, "")])
         ref = _float64_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), 0.125, causal=bool(expr))
         assert _rel(out, ref) < 1e-2
         # Same shapes, other strides: not this runner's signature, and right.

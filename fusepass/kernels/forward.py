@@ -147,18 +147,30 @@ def runner(call: AttentionCall, config_for: Optional[ConfigProvider] = None) -> 
     if call.empty:
         return None
     plan = _plans.get(plan_key(call, call.signature, None, config_for), lambda: _make_plan(call, None, config_for))
+    return bind_plan(call, plan, (launches,))
+
+
+def bind_plan(call: AttentionCall, plan, counters: tuple, admits: Optional[Callable] = None,
+              before_launch: Optional[Callable] = None) -> Optional[Callable]:
+    """A forward plan's runner (see ``runner``), shared by the families whose plans have this
+    module's fields: ``counters`` gain one "fwd" per launch; ``admits(q, k, v)`` False makes a
+    call return None (the caller takes the full path); ``before_launch`` runs before each."""
     if not plan.fitted or plan.interpret or plan.map_args is None:
         return None
-    q, v = call.q, call.v
     out_shape, lse_shape = (call.batch, call.q_heads, call.q_len, call.v_head_dim), (call.batch, call.q_heads, call.q_len)
-    dtype, device, mask_args, dropout = v.dtype, q.device, call.mask_args, plan.spec.dropout
+    dtype, device, mask_args, dropout = call.v.dtype, call.q.device, call.mask_args, plan.spec.dropout
     launch, grid, map_args, tail = plan.launcher(plan.cfg), plan.grid, plan.map_args, plan.tail
 
     def run(q, k, v, biases, masks, seed):
+        if admits is not None and not admits(q, k, v):
+            return None
         out = new_output(out_shape, dtype, device)
         lse = new_output(lse_shape, torch.float32, device)
         extras = extra_args(biases, masks, mask_args) if biases or masks or mask_args else ()
-        launches["fwd"] += 1
+        for counter in counters:
+            counter["fwd"] += 1
+        if before_launch is not None:
+            before_launch()
         launch(grid, q, k, v, out, lse, seed_tensor(seed, device) if dropout else None, *map_args, *extras, tail=tail)
         return out, lse
 

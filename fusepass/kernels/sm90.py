@@ -429,25 +429,7 @@ def runner(call: AttentionCall, config_for: Optional[ConfigProvider] = None) -> 
     if call.empty:
         return None
     plan = _plans.get(plan_key(call, call.signature, None, config_for), lambda: _make_plan(call, None, config_for))
-    if not plan.fitted or plan.interpret or plan.map_args is None:
-        return None
-    out_shape, lse_shape = (call.batch, call.q_heads, call.q_len, call.v_head_dim), (call.batch, call.q_heads, call.q_len)
-    dtype, device, mask_args, dropout = call.v.dtype, call.q.device, call.mask_args, plan.spec.dropout
-    launch, grid_, map_args, tail = plan.launcher(plan.cfg), plan.grid, plan.map_args, plan.tail
-
-    def run(q, k, v, biases, masks, seed):
-        if not aligned(q, k, v):
-            return None
-        out = new_output(out_shape, dtype, device)
-        lse = new_output(lse_shape, torch.float32, device)
-        extras = extra_args(biases, masks, mask_args) if biases or masks or mask_args else ()
-        launches["fwd"] += 1
-        launches_sm90["fwd"] += 1
-        ensure_allocator()
-        launch(grid_, q, k, v, out, lse, seed_tensor(seed, device) if dropout else None, *map_args, *extras, tail=tail)
-        return out, lse
-
-    return run
+    return forward.bind_plan(call, plan, (launches, launches_sm90), admits=aligned, before_launch=ensure_allocator)
 
 
 
