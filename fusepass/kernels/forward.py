@@ -147,14 +147,15 @@ def runner(call: AttentionCall, config_for: Optional[ConfigProvider] = None) -> 
     if call.empty:
         return None
     plan = _plans.get(plan_key(call, call.signature, None, config_for), lambda: _make_plan(call, None, config_for))
-    return bind_plan(call, plan, (launches,))
+    return bind_plan(call, plan, "fa2", (launches,))
 
 
-def bind_plan(call: AttentionCall, plan, counters: tuple, admits: Optional[Callable] = None,
+def bind_plan(call: AttentionCall, plan, family: str, counters: tuple, admits: Optional[Callable] = None,
               before_launch: Optional[Callable] = None) -> Optional[Callable]:
     """A forward plan's runner (see ``runner``), shared by the families whose plans have this
     module's fields: ``counters`` gain one "fwd" per launch; ``admits(q, k, v)`` False makes a
-    call return None (the caller takes the full path); ``before_launch`` runs before each."""
+    call return None (the caller takes the full path); ``before_launch`` runs before each.  The
+    runner's ``family`` attribute names the kernel family it launches."""
     if not plan.fitted or plan.interpret or plan.map_args is None:
         return None
     out_shape, lse_shape = (call.batch, call.q_heads, call.q_len, call.v_head_dim), (call.batch, call.q_heads, call.q_len)
@@ -174,4 +175,5 @@ def bind_plan(call: AttentionCall, plan, counters: tuple, admits: Optional[Calla
         launch(grid, q, k, v, out, lse, seed_tensor(seed, device) if dropout else None, *map_args, *extras, tail=tail)
         return out, lse
 
+    run.family = family
     return run

@@ -429,7 +429,7 @@ def runner(call: AttentionCall, config_for: Optional[ConfigProvider] = None) -> 
     if call.empty:
         return None
     plan = _plans.get(plan_key(call, call.signature, None, config_for), lambda: _make_plan(call, None, config_for))
-    return forward.bind_plan(call, plan, (launches, launches_sm90), admits=aligned, before_launch=ensure_allocator)
+    return forward.bind_plan(call, plan, FAMILY, (launches, launches_sm90), admits=aligned, before_launch=ensure_allocator)
 
 
 
