@@ -10,7 +10,9 @@ CPU, a smoke run: the ops' own CPU time).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 
@@ -26,7 +28,18 @@ def device_us(event, cuda: bool = True) -> float:
     return 0.0
 
 
-def profile(run: bench_e2e.ModelRun, variant: str, mode: str, steps: int, top: int) -> None:
+def host_table(prof, steps: int, top: int) -> None:
+    """The ops that take the most host (CPU) time of their own, per step."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"host: {total / steps / 1e3:.3f} ms of ops' own CPU time a step")
+    print("| op | own CPU µs a step | calls a step |")
+    print("|---|---|---|")
+    for e in events[:top]:
+        print(f"| {e.key[:90]} | {e.self_cpu_time_total / steps:.1f} | {e.count / steps:g} |")
+
+
+def profile(run: bench_e2e.ModelRun, variant: str, mode: str, steps: int, top: int, host_top: int) -> None:
     torch._dynamo.reset()
     module = run.module(variant)
     if module is None:
@@ -41,20 +54,31 @@ def profile(run: bench_e2e.ModelRun, variant: str, mode: str, steps: int, top: i
     for _ in range(3):
         fn()
     sync()
-    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
-    with torch.profiler.profile(activities=[activity]) as prof:
+    walls = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        walls.append(time.perf_counter() - t0)
+    activities = [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    if host_top or not cuda:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
         sync()
     events = [e for e in prof.key_averages() if device_us(e, cuda) > 0]
     events.sort(key=lambda e: device_us(e, cuda), reverse=True)
     total = sum(device_us(e, cuda) for e in events)
-    print(f"\n## {run.name} {mode}, {variant}: {total / steps / 1e3:.3f} ms of kernels a step")
+    print(f"\n## {run.name} {mode}, {variant}: {statistics.median(walls) * 1e3:.3f} ms a step (wall, "
+          f"median of 10), {total / steps / 1e3:.3f} ms of kernels")
     print("| kernel | µs a step | share | calls a step |")
     print("|---|---|---|---|")
     for e in events[:top]:
         us = device_us(e, cuda)
         print(f"| {e.key[:90]} | {us / steps:.1f} | {us / total:.1%} | {e.count / steps:g} |")
+    if host_top and cuda:
+        host_table(prof, steps, host_top)
     del model, module
     torch._dynamo.reset()
     if cuda:
@@ -67,6 +91,7 @@ def main(argv=None) -> int:
     own.add_argument("--mode", choices=("infer", "train"), default="train")
     own.add_argument("--steps", type=int, default=5)
     own.add_argument("--top", type=int, default=15)
+    own.add_argument("--host-top", type=int, default=0, help="also profile host time: its top N ops")
     mine, rest = own.parse_known_args(argv)
     args = bench_e2e.parse_args(rest)
     import fusepass  # noqa: F401  (registers the backend)
@@ -75,7 +100,7 @@ def main(argv=None) -> int:
         run = bench_e2e.ModelRun(name, args)
         for variant in ("sdpa_inductor", "fusepass"):
             if variant in args.variants:
-                profile(run, variant, mine.mode, mine.steps, mine.top)
+                profile(run, variant, mine.mode, mine.steps, mine.top, mine.host_top)
     return 0
 
 
