@@ -53,6 +53,40 @@ def tensor_signature(t: Tensor) -> tuple:
     return (t.shape, t.stride(), t.dtype, t.device)
 
 
+# The op's output layout, owned here: every path that makes ``out`` (the fake, the reference,
+# each kernel family, the ring's merge) makes it through ``out_tensor``, and the kernels write it
+# through ``out_strides``.
+#
+# out [B, Hq, M, Dv] is stored as [B, M, Hq, Dv], the layout SDPA's flash and efficient kernels
+# return.  Attention code hands its output to the output projection as
+# ``out.transpose(1, 2).reshape(B, M, Hq * Dv)`` (GPT-2, Llama, nanoGPT), which is then a view:
+# autograd saves the projection's input and the op's ``out`` as one tensor, where a contiguous
+# [B, Hq, M, Dv] out made the reshape a copy and both were saved.  NOTE: measured on CPU (issue
+# 12, tests/test_saved_memory.py): GPT-2 saved one [B, M, hidden] tensor per layer more than the
+# SDPA model (2 MiB of 45 for 2 layers of hidden 256, N=512, B=2, fp32); with this layout the
+# same bytes as SDPA.  The backward's grad_out arrives in this layout too (the projection's
+# gradient, viewed back), so it is not copied either.
+
+
+def out_strides(batch, q_heads, q_len, v_head_dim) -> tuple:
+    """The strides of the op's ``out`` of shape [B, Hq, M, Dv] (stored as [B, M, Hq, Dv])."""
+    return (q_len * q_heads * v_head_dim, v_head_dim, q_heads * v_head_dim, 1)
+
+
+def out_tensor(make, batch, q_heads, q_len, v_head_dim, **kwargs) -> Tensor:
+    """``make((B, M, Hq, Dv), **kwargs)`` (``torch.empty``, ``torch.zeros``, a fake tensor's
+    ``new_empty``, ...) seen as the op's ``out`` [B, Hq, M, Dv], with ``out_strides``."""
+    return make((batch, q_len, q_heads, v_head_dim), **kwargs).transpose(1, 2)
+
+
+def in_out_layout(out: Tensor) -> Tensor:
+    """``out`` when it already has the op's output layout, else a copy of it that has (for
+    results a path assembles itself, such as the ring's merge of its chunk pairs)."""
+    if out.stride() == out_strides(*out.shape):
+        return out
+    return out_tensor(torch.empty, *out.shape, dtype=out.dtype, device=out.device).copy_(out)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AttentionCall:
     """q [B, Hq, M, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv] and what the op does with them

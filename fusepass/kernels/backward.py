@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -120,11 +120,11 @@ def _data_map_args(call, cfg: BackwardConfig) -> tuple[list, list]:
     return tuple(t.kernel_args() for t in lists)
 
 
-def _bias_grads(call, spec: KernelSpec):
+def _bias_grads(biases, spec: KernelSpec):
     """Per bias its gradient buffer (empty when not wanted), the kernels' arguments for them,
     and the fp32 accumulators to cast back at the end."""
     dbiases, db_args, finish = [], [], []
-    for b, mode in zip(call.biases, spec.bias_grad):
+    for b, mode in zip(biases, spec.bias_grad):
         if not mode:
             dbiases.append(b.new_empty((0,)))
         elif mode == "store":
@@ -166,29 +166,70 @@ def run_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride) -> tuple[T
     kernels get for q, k, v, grad_out and out (the sm_90 variant's descriptors want those of
     size-1 dims replaced: ``sm90._tma_strides``)."""
     call = bcall.forward
-    q, k, v = call.q, call.k, call.v
-    spec = plan.spec
-    grad_out, out, lse = bcall.grad_out, bcall.out, bcall.lse
-    B, Hq, Hkv, M, N = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
-    dq, dk, dv = new_like(q), new_like(k), new_like(v)
-    dbiases, db_args, finish = _bias_grads(call, spec)
-    delta = new_output((B, Hq, M), torch.float32, q.device)
-    # Per (batch, kv head): 1 when a row of its group has every score -inf (attn_bwd_pre).
-    nan_rows = torch.zeros((B * Hkv,), dtype=torch.int32, device=q.device)
-    shift = rinv = None
-    if spec.natural_units:
-        shift = new_output((B, Hq, M), torch.float32, q.device)
-        rinv = new_output((B, Hq, M), torch.float32, q.device)
-    seed_t = seed_tensor(call.seed, q.device) if spec.dropout else None
-    extras = extra_args(call.biases, call.masks, call.mask_args)
     by_col, by_row = plan.by_col, plan.by_row
     if by_col is None:
         by_col, by_row = _data_map_args(call, plan.cfg)
-    tail = plan.tail
+    run = _launches(plan, bcall, strides, by_col, by_row)
+    return run(bcall.grad_out, call.q, call.k, call.v, bcall.out, bcall.lse, call.biases, call.masks, call.seed)
 
-    def launch(name: str, grid_of, args_of) -> None:
+
+def bind_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride, counters: tuple = (),
+              admits: Optional[Callable] = None, before_launch: Optional[Callable] = None) -> Optional[Callable]:
+    """A backward runner: a function of (grad_out, q, k, v, out, lse, biases, masks, seed) for
+    later calls of ``bcall``'s signature, returning (dq, dk, dv, bias grads) as ``run_plan``
+    does.  None while a call needs more than its tensors: block maps read from the masks, or a
+    kernel whose config has not been fitted by a first launch.  ``counters`` gain one "bwd" a
+    call; ``admits(grad_out, q, k, v, out)`` False makes a call return None (the caller takes
+    the full path); ``before_launch`` runs before each call's launches."""
+    if plan.by_col is None or not all(name in plan.fitted for name in _fitted_kernels(plan.spec)):
+        return None
+    run = _launches(plan, bcall, strides, plan.by_col, plan.by_row)
+    if not counters and admits is None and before_launch is None:
+        return run
+
+    def checked(grad_out, q, k, v, out, lse, biases, masks, seed):
+        if admits is not None and not admits(grad_out, q, k, v, out):
+            return None
+        for counter in counters:
+            counter["bwd"] += 1
+        if before_launch is not None:
+            before_launch()
+        return run(grad_out, q, k, v, out, lse, biases, masks, seed)
+
+    return checked
+
+
+def runner(bcall: BackwardCall, config_for: Optional[ConfigProvider] = None) -> Optional[Callable]:
+    """The FA2 backward's runner for ``bcall``'s signature (``bind_plan``), None for an empty call."""
+    call = bcall.forward
+    if call.empty:
+        return None
+    plan = _plans.get(plan_key(call, bcall.signature, None, config_for), lambda: _make_plan(bcall, None, config_for))
+    return bind_plan(plan, bcall)
+
+
+def _fitted_kernels(spec: KernelSpec) -> tuple[str, ...]:
+    """The kernels with a fitted config (all but attn_bwd_pre): the ones a plan launches."""
+    return ("attn_bwd_rowstats",) * bool(spec.natural_units) + ("attn_bwd_dkdv", "attn_bwd_dq")
+
+
+def _launches(plan: _Plan, bcall: BackwardCall, strides, by_col, by_row) -> Callable:
+    """``plan``'s launches for calls of ``bcall``'s signature, as a function of (grad_out, q, k,
+    v, out, lse, biases, masks, seed) -> (dq, dk, dv, bias grads).  What the signature fixes
+    (sizes, the strides the kernels get, grids, the pre kernel's launcher) is read here once."""
+    call = bcall.forward
+    spec, tail = plan.spec, plan.tail
+    B, Hq, Hkv, M, N, groups = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len, call.groups
+    device, mask_args, natural, dropout = call.q.device, call.mask_args, spec.natural_units, spec.dropout
+    st_q, st_k, st_v, st_do, st_o = (tuple(strides(t)) for t in (call.q, call.k, call.v, bcall.grad_out, bcall.out))
+    pre, pre_grid = plan.launcher("attn_bwd_pre"), (cdiv(M, _PRE_BLOCK_M), B * Hq)
+    context = render.interpreting if plan.interpret else contextlib.nullcontext
+    rows_grid = lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq)  # noqa: E731  (dQ and the row statistics)
+    keys_grid = lambda c: (cdiv(N, c.BLOCK_OWN), B * Hkv)  # noqa: E731  (dK/dV)
+
+    def launch(name: str, grid_of, args: tuple) -> None:
         def run(c: BackwardConfig) -> None:
-            plan.launcher(name, c)(grid_of(c), *args_of(c), tail=tail)
+            plan.launcher(name, c)(grid_of(c), *args, tail=tail)
         launches[name.removeprefix("attn_bwd_")] += 1
         fitted = plan.fitted.get(name)
         if fitted is not None:
@@ -196,23 +237,35 @@ def run_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride) -> tuple[T
         else:
             plan.fitted[name] = launch_fitting((name + plan.family, spec), plan.cfg, run)
 
-    with render.interpreting() if plan.interpret else contextlib.nullcontext():
-        plan.launcher("attn_bwd_pre")((cdiv(M, _PRE_BLOCK_M), B * Hq), out, grad_out, lse, delta, nan_rows,
-                                      *strides(out), *strides(grad_out), Hq, call.groups, M)
-        if shift is not None:
-            # Tiles shaped like attn_bwd_dq's (which fit whenever dq's do); only query tiles
-            # holding a row with a coarse lse loop over the keys.
-            launch("attn_bwd_rowstats", lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq), lambda c: (
-                q, k, lse, shift, rinv, *extras, *strides(q), *strides(k)))
-        launch("attn_bwd_dkdv", lambda c: (cdiv(N, c.BLOCK_OWN), B * Hkv), lambda c: (
-            q, k, v, grad_out, lse, delta, shift, rinv, nan_rows, dk, dv, seed_t, *by_col, *extras, *db_args,
-            *strides(q), *strides(k), *strides(v), *strides(grad_out), *dk.stride(), *dv.stride()))
-        launch("attn_bwd_dq", lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq), lambda c: (
-            q, k, v, grad_out, lse, delta, shift, rinv, dq, seed_t, *by_row, *extras,
-            *strides(q), *strides(k), *strides(v), *strides(grad_out), *dq.stride()))
-    for i, dtype in finish:
-        dbiases[i] = dbiases[i].to(dtype)
-    return dq, dk, dv, dbiases
+    def run(grad_out, q, k, v, out, lse, biases, masks, seed):
+        dq, dk, dv = new_like(q), new_like(k), new_like(v)
+        dbiases, db_args, finish = _bias_grads(biases, spec)
+        delta = new_output((B, Hq, M), torch.float32, device)
+        # Per (batch, kv head): 1 when a row of its group has every score -inf (attn_bwd_pre).
+        nan_rows = torch.zeros((B * Hkv,), dtype=torch.int32, device=device)
+        shift = rinv = None
+        if natural:
+            shift = new_output((B, Hq, M), torch.float32, device)
+            rinv = new_output((B, Hq, M), torch.float32, device)
+        seed_t = seed_tensor(seed, device) if dropout else None
+        extras = extra_args(biases, masks, mask_args)
+        with context():
+            pre(pre_grid, out, grad_out, lse, delta, nan_rows, *st_o, *st_do, Hq, groups, M)
+            if natural:
+                # Tiles shaped like attn_bwd_dq's (which fit whenever dq's do); only query tiles
+                # holding a row with a coarse lse loop over the keys.
+                launch("attn_bwd_rowstats", rows_grid, (q, k, lse, shift, rinv, *extras, *st_q, *st_k))
+            launch("attn_bwd_dkdv", keys_grid, (
+                q, k, v, grad_out, lse, delta, shift, rinv, nan_rows, dk, dv, seed_t, *by_col, *extras, *db_args,
+                *st_q, *st_k, *st_v, *st_do, *dk.stride(), *dv.stride()))
+            launch("attn_bwd_dq", rows_grid, (
+                q, k, v, grad_out, lse, delta, shift, rinv, dq, seed_t, *by_row, *extras,
+                *st_q, *st_k, *st_v, *st_do, *dq.stride()))
+        for i, dtype in finish:
+            dbiases[i] = dbiases[i].to(dtype)
+        return dq, dk, dv, dbiases
+
+    return run
 
 
 def _tiles(kernel: str, c: BackwardConfig) -> dict:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusepass.autotune.config import DecodeConfig
-from fusepass.call import AttentionCall
+from fusepass.call import AttentionCall, out_strides, out_tensor
 
 from . import render
 from .launch_common import (PlanCache, cdiv, extra_args, head_dims, launches, new_output, plan_key, scalar_args,
@@ -348,12 +348,12 @@ class _Launch(NamedTuple):
         # The splits' partial results in one allocation (host time per decode step): accumulators
         # [B * Hkv, splits, BLOCK_M, Dv_p], then row max / sum [B * Hkv, splits, 2, BLOCK_M].
         return cls((*q.stride(), *k.stride(), *v.stride(), Hq, f.groups, M, N, Hkv, splits, *scalars), per_split,
-                   (splits, B * Hkv), (B * Hkv,), (B, Hq, M, Dv), (Hq * M * Dv, M * Dv, Dv, 1),
+                   (splits, B * Hkv), (B * Hkv,), (B, Hq, M, Dv), out_strides(B, Hq, M, Dv),
                    B * Hkv * splits * plan.block_m * (plan.consts["HEAD_DIM_V_P"] + 2), tuple([int(a) for a in mask_args]))
 
 
 def _launch(plan: _Plan, at: _Launch, q, k, v, biases, masks, seed) -> tuple[Tensor, Tensor]:
-    out = new_output(at.out_shape, v.dtype, q.device)
+    out = out_tensor(new_output, *at.out_shape, dtype=v.dtype, device=q.device)
     lse = new_output(at.out_shape[:3], torch.float32, q.device)
     extras = extra_args(biases, masks, at.mask_args) if biases or masks else at.mask_args
     launches["decode"] += 1

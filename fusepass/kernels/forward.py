@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fusepass.autotune.config import ForwardConfig
-from fusepass.call import AttentionCall
+from fusepass.call import AttentionCall, out_strides, out_tensor
 
 from . import blockmap, render
 from .heuristics import ConfigProvider, ConfigQuery, choose
@@ -72,10 +72,8 @@ def _make_plan(call: AttentionCall, config: Optional[ForwardConfig], config_for:
                              autotune=call.run.autotune), config, config_for)
     interpret = q.device.type != "cuda"
     map_args = signature_map_args(call, spec, cfg)
-    # The output is allocated contiguous: its strides are known now.
-    Dv = call.v_head_dim
-    out_strides = (Hq * M * Dv, M * Dv, Dv, 1)
-    tail = (*q.stride(), *k.stride(), *v.stride(), *out_strides, Hq, call.groups, M, N,
+    # The output is allocated in the op's layout (fusepass.call.out_tensor): its strides are known now.
+    tail = (*q.stride(), *k.stride(), *v.stride(), *out_strides(B, Hq, M, call.v_head_dim), Hq, call.groups, M, N,
             *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N))
     consts = dict(head_dims(spec), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
     return _Plan(spec, cfg, kernel_module(spec, interpret).attn_fwd, grid(M, B, Hq, cfg), tail, consts,
@@ -114,11 +112,11 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
     if call.empty:
         # Nothing to launch.  No keys: eager's softmax over zero keys is an empty row, P @ V a
         # sum of nothing (zeros) and logsumexp -inf.
-        return (torch.zeros((B, Hq, M, call.v_head_dim), dtype=out_dtype or v.dtype, device=q.device),
+        return (out_tensor(torch.zeros, B, Hq, M, call.v_head_dim, dtype=out_dtype or v.dtype, device=q.device),
                 torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
     plan = _plans.get(plan_key(call, call.signature, config, config_for),
                       lambda: _make_plan(call, config, config_for))
-    out = new_output((B, Hq, M, call.v_head_dim), out_dtype or v.dtype, q.device)
+    out = out_tensor(new_output, B, Hq, M, call.v_head_dim, dtype=out_dtype or v.dtype, device=q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
     map_args = plan.map_args if plan.map_args is not None else data_map_args(call, plan.cfg)
     seed = seed_tensor(call.seed, q.device) if plan.spec.dropout else None
@@ -165,7 +163,7 @@ def bind_plan(call: AttentionCall, plan, family: str, counters: tuple, admits: O
     def run(q, k, v, biases, masks, seed):
         if admits is not None and not admits(q, k, v):
             return None
-        out = new_output(out_shape, dtype, device)
+        out = out_tensor(new_output, *out_shape, dtype=dtype, device=device)
         lse = new_output(lse_shape, torch.float32, device)
         extras = extra_args(biases, masks, mask_args) if biases or masks or mask_args else ()
         for counter in counters:

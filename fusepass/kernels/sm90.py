@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fusepass.autotune.config import BackwardConfig, ForwardConfig, arch_for, fits_registers, fits_shared_memory
-from fusepass.call import AttentionCall, BackwardCall
+from fusepass.call import AttentionCall, BackwardCall, out_strides, out_tensor
 
 from . import backward, forward, render
 from .heuristics import ConfigProvider, ConfigQuery
@@ -346,9 +346,9 @@ def _make_plan(call: AttentionCall, config: Optional[ForwardConfig], config_for:
     interpret = q.device.type != "cuda"
     cfg = _choose(call, spec, config, config_for, interpret)
     map_args = forward.signature_map_args(call, spec, cfg)
-    Dv = call.v_head_dim
-    out_strides = (Hq * M * Dv, M * Dv, Dv, 1)  # the output is allocated contiguous
-    tail = (*_tma_strides(q), *_tma_strides(k), *_tma_strides(v), *out_strides, Hq, call.groups, M, N,
+    # The output is allocated in the op's layout (fusepass.call.out_tensor).
+    tail = (*_tma_strides(q), *_tma_strides(k), *_tma_strides(v), *out_strides(B, Hq, M, call.v_head_dim),
+            Hq, call.groups, M, N,
             *scalar_args(spec, call.scale, call.softcap, call.dropout_p, call.mask_fill, N))
     return _Plan(spec, cfg, kernel_module(spec, interpret).attn_fwd_sm90, grid(M, B, Hq, cfg), tail, map_args,
                  interpret)
@@ -386,11 +386,11 @@ def attention_forward(call: AttentionCall, config: Optional[ForwardConfig] = Non
     B, Hq, M = call.batch, call.q_heads, call.q_len
     if call.empty:
         # No keys: softmax over zero keys is empty, P @ V a sum of nothing, logsumexp -inf.
-        return (torch.zeros((B, Hq, M, call.v_head_dim), dtype=v.dtype, device=q.device),
+        return (out_tensor(torch.zeros, B, Hq, M, call.v_head_dim, dtype=v.dtype, device=q.device),
                 torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
     plan = _plans.get(plan_key(call, call.signature, config, config_for),
                       lambda: _make_plan(call, config, config_for))
-    out = new_output((B, Hq, M, call.v_head_dim), v.dtype, q.device)
+    out = out_tensor(new_output, B, Hq, M, call.v_head_dim, dtype=v.dtype, device=q.device)
     lse = new_output((B, Hq, M), torch.float32, q.device)
     map_args = plan.map_args if plan.map_args is not None else forward.data_map_args(call, plan.cfg)
     seed = seed_tensor(call.seed, q.device) if plan.spec.dropout else None
@@ -580,6 +580,22 @@ def attention_backward(bcall: BackwardCall, config: Optional[BackwardConfig] = N
     if not plan.interpret:
         ensure_allocator()
     return backward.run_plan(plan, bcall, strides=_tma_strides)
+
+
+def backward_runner(bcall: BackwardCall, config_for: Optional[ConfigProvider] = None) -> Optional[Callable]:
+    """As ``fusepass.kernels.backward.runner``, for the sm_90 backward: a later call whose data
+    pointers are not TMA-aligned returns None (the caller then takes the full path)."""
+    call = bcall.forward
+    if call.empty:
+        return None
+    plan = _bwd_plans.get(plan_key(call, bcall.signature, None, config_for),
+                          lambda: _make_bwd_plan(bcall, None, config_for))
+    return backward.bind_plan(plan, bcall, _tma_strides, (launches_sm90,), admits=_backward_aligned,
+                              before_launch=None if plan.interpret else ensure_allocator)
+
+
+def _backward_aligned(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> bool:
+    return aligned(q, k, v) and aligned(grad_out, out, q)
 
 
 def fitted_backward_config(bcall: BackwardCall, config: Optional[BackwardConfig] = None,

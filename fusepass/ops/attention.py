@@ -12,7 +12,7 @@ What the op computes, in fp32 (fp64 for fp64 inputs)::
     s = where(keep, s, mask_fill)                # mask_fill: -inf, or a finite value (eager's finfo.min)
     p = softmax(s, dim=-1)                       # a row of all -inf gives NaN, as eager does
     if dropout_p > 0:  p = p * keep_mask(seed) / (1 - dropout_p)
-    out = (p @ v).to(v.dtype)                    # [B, Hq, M, Dv]
+    out = (p @ v).to(v.dtype)                    # [B, Hq, M, Dv], stored as [B, M, Hq, Dv] (call.out_strides)
     lse = logsumexp(s, dim=-1)                   # fp32 [B, Hq, M]; backward and ring attention use it
 
 ``mask_expr`` is a predicate over b, h, i (query index), j (key index), M, N and a0, a1, ...
@@ -29,7 +29,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from fusepass.call import out_tensor
 from fusepass.options import RunOptions
 
 from . import dispatch
@@ -99,7 +101,7 @@ attention_backward = torch.ops.fusepass.attention_backward.default
 def _attention_fake(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args,
                     run=""):
     B, Hq, M, _ = q.shape
-    out = q.new_empty((B, Hq, M, v.shape[-1]), dtype=v.dtype)
+    out = out_tensor(q.new_empty, B, Hq, M, v.shape[-1], dtype=v.dtype)
     lse = q.new_empty((B, Hq, M), dtype=torch.float32)
     return out, lse
 
@@ -134,6 +136,11 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _same_strides(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` provably have the same strides (symbolic ones too, without a guard)."""
+    return all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride()))
+
+
 def _backward(ctx, grad_out, grad_lse):
     saved = ctx.saved_tensors
     q, k, v, out, lse = saved[:5]
@@ -150,8 +157,12 @@ def _backward(ctx, grad_out, grad_lse):
         dq = dk = dv = None
         bias_grads = [None] * ctx.n_biases
     else:
+        # grad_out in out's layout (the output projection's gradient viewed back) is read as
+        # it is; anything else (an expanded ones from .sum()) is made dense first.
+        if not _same_strides(grad_out, out):
+            grad_out = grad_out.contiguous()
         dq, dk, dv, dbiases = attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+            grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
             mask_fill, mask_expr, mask_args, ctx.bias_needs_grad, ctx.run,
         )
         bias_grads = [g if need else None for g, need in zip(dbiases, ctx.bias_needs_grad)]

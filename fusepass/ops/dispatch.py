@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from fusepass.autotune import provider as tuning  # the one place launches meet the tuner
-from fusepass.call import AttentionCall, BackwardCall
+from fusepass.call import AttentionCall, BackwardCall, in_out_layout
 from fusepass.kernels import decode, forward as prefill, sm90, support
 from fusepass.kernels.support import fp32_dot_precision
 from fusepass.options import RunOptions
@@ -248,7 +248,8 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
     if call.run.context_parallel:  # a ring over the sequence's ranks, each chunk pair run as any call
         from fusepass.parallel import ring
 
-        return ring.forward(call, run_forward)
+        out, lse = ring.forward(call, run_forward)
+        return in_out_layout(out), lse  # the merge of its pairs is laid out as it came
     result = run_forward(call)
     if key is not None and (found is None or found is _SEEN):
         _remember(_runners, key, found, _runner_for, call)
@@ -259,12 +260,50 @@ def forward(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, 
     return result
 
 
+# Backward runners by backward_runner_key, with the forward's markers: a training step calls the
+# backward of each layer's signature once a step, so its second step binds them.
+_backward_runners: dict = {}
+
+
+def backward_runner_key(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+                        mask_fill, mask_expr, mask_args, bias_needs_grad, run) -> tuple:
+    """runner_key of the forward's arguments and what the backward call adds to them."""
+    return (runner_key(q, k, v, biases, masks, seed, scale, softcap, dropout_p, mask_fill, mask_expr, mask_args, run),
+            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, out.shape, out.stride(), out.dtype,
+            out.device, lse.shape, lse.stride(), lse.dtype, lse.device, tuple(bias_needs_grad))
+
+
+def _backward_runner_for(call: BackwardCall):
+    """The backward's launches bound to its signature (kernels/backward.py's ``bind_plan``), or
+    None (the reference, a ring, block maps read from masks)."""
+    if call.forward.run.context_parallel or kernel_reason(call.forward) is not None:
+        return None
+    if _backward_on_sm90(call):
+        return sm90.backward_runner(call, tuning.kernel_config_provider)
+    from fusepass.kernels import backward as prefill_backward
+
+    return prefill_backward.runner(call, tuning.kernel_config_provider)
+
+
 def backward(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
              mask_fill, mask_expr, mask_args, bias_needs_grad, run=""):
+    key = found = None
+    if _binds(q):
+        key = backward_runner_key(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p,
+                                  mask_fill, mask_expr, mask_args, bias_needs_grad, run)
+        found = _backward_runners.get(key)
+        if found is not None and found is not _SEEN and found is not _UNBOUND:
+            result = found(grad_out, q, k, v, out, lse, biases, masks, seed)
+            if result is not None:  # None: this call's tensors need the full path (sm90's alignment)
+                dq, dk, dv, dbiases = result
+                return dq, dk, dv, [g.contiguous() for g in dbiases]
     call = backward_call(grad_out, q, k, v, out, lse, biases, masks, seed, scale, softcap, dropout_p, mask_fill,
                          mask_expr, mask_args, bias_needs_grad, run)
     if call.forward.run.context_parallel:
         from fusepass.parallel import ring
 
         return ring.backward(call, run_backward)
-    return run_backward(call)
+    result = run_backward(call)
+    if key is not None and (found is None or found is _SEEN):
+        _remember(_backward_runners, key, found, _backward_runner_for, call)
+    return result

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusepass.call import AttentionCall, BackwardCall
+from fusepass.call import AttentionCall, BackwardCall, out_tensor
 from fusepass.masks import predicate
 from fusepass.ops.dropout import keep_mask
 
@@ -227,13 +227,13 @@ def attention_forward(call: AttentionCall):
         # No rows, or no keys: eager's softmax over zero keys is an empty row, so P @ V is a sum
         # of nothing (zeros) and logsumexp is -inf.  (Also keeps views of empty tensors, which
         # cannot be reshaped with a -1, out of the tiling.)
-        return (torch.zeros((B, Hq, M, v.shape[-1]), dtype=v.dtype, device=q.device),
+        return (out_tensor(torch.zeros, B, Hq, M, v.shape[-1], dtype=v.dtype, device=q.device),
                 torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
     pb = _problem(call)
     B, Hkv, G, M, N = pb.shape
     Dv = v.shape[-1]
     log.debug("reference forward: B=%d Hkv=%d G=%d M=%d N=%d tiles %dx%d %s", B, Hkv, G, M, N, pb.bm, pb.bn, pb.cdt)
-    out = torch.empty((B, Hkv * G, M, Dv), dtype=v.dtype, device=q.device)
+    out = out_tensor(torch.empty, B, Hkv * G, M, Dv, dtype=v.dtype, device=q.device)
     lse = torch.empty((B, Hkv * G, M), dtype=torch.float32, device=q.device)
     out5, lse5 = out.view(B, Hkv, G, M, Dv), lse.view(B, Hkv, G, M)
     for i0 in range(0, M, pb.bm):
