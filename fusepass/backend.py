@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from . import logs
+from . import compile_cache, logs
 from .kernels import fp8, support
 from .graph import matcher, mutations, nodes, predicates, rewrite
 from .graph.contractions import Refusal
@@ -241,7 +241,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, options: Options, mode: O
     from torch._inductor.compile_fx import compile_fx
 
     patches = torch._inductor.list_mode_options(mode) if mode else {}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs, config_patches=compile_cache.config_patches(patches))
 
 
 def fusepass_backend(
