@@ -186,3 +186,49 @@ def test_the_backward_runner_key_tells_apart_what_the_backward_call_adds():
     with_bias[6] = [torch.randn(1, 2, 8, 8)]
     keys = {dispatch.backward_runner_key(*with_bias[:15], flags, "") for flags in ([True], [False])}
     assert len(keys) == 2  # which biases want a gradient
+
+
+class _BiasedCausal(torch.nn.Module):
+    """Attention with a learned additive bias (a gradient for it) and a causal mask."""
+
+    def __init__(self, heads: int, n: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(1, heads, n, n))
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        s = q @ k.transpose(-1, -2) * q.size(-1) ** -0.5 + self.bias
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).tril().logical_not(), float("-inf"))
+        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])  # 128 takes the sm_90 backward on Hopper
+def test_gpu_training_steps_served_by_backward_runners_match_float64(head_dim):
+    from conftest import assert_close_to_reference
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    heads, n = 4, 384
+    model = _BiasedCausal(heads, n).cuda()
+    compiled = torch.compile(model, backend="fusepass")
+    bound_before = sum(1 for r in dispatch._backward_runners.values()
+                       if r is not dispatch._SEEN and r is not dispatch._UNBOUND)
+    for step in range(4):  # step 1 marks the signature, step 2 binds, steps 3 and 4 are served
+        q, k, v = (torch.randn(2, heads, n, head_dim, device="cuda", dtype=BF16, requires_grad=True)
+                   for _ in range(3))
+        do = torch.randn(2, heads, n, head_dim, device="cuda", dtype=BF16)
+        model.bias.grad = None
+        out = compiled(q, k, v)
+        got = torch.autograd.grad(out, (q, k, v, model.bias), do)
+        model.bias.grad = None
+        eager = torch.autograd.grad(model(q, k, v), (q, k, v, model.bias), do)
+        ref_model = _BiasedCausal(heads, n).cuda().double()
+        ref_model.bias.data.copy_(model.bias.data.double())
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = torch.autograd.grad(ref_model(q64, k64, v64), (q64, k64, v64, ref_model.bias), do.double())
+        for name, a, e, r in zip(("dq", "dk", "dv", "dbias"), got, eager, ref):
+            assert_close_to_reference(a, e, r, name=f"step {step} {name}")
+    bound = sum(1 for r in dispatch._backward_runners.values() if r is not dispatch._SEEN and r is not dispatch._UNBOUND)
+    assert bound > bound_before, "no backward runner was bound for the repeated training step"
