@@ -396,3 +396,65 @@ def test_kernel_tanh_is_accurate_near_zero():
     want = torch.tanh(x.double())
     rel = ((y.double() - want).abs() / want.abs().clamp_min(1e-30)).max().item()
     assert rel < 4e-7, rel
+
+
+def _key_padding(B, N, valid, expanded_rows=0):
+    """A right-padded batch's key mask [B, 1, 1, N] (row b sees keys < valid[b]); with
+    ``expanded_rows`` the same vector expanded to [B, 1, M, N] (0 row stride), as some models hand it."""
+    keep = (torch.arange(N)[None, :] < torch.tensor(valid)[:, None]).view(B, 1, 1, N)
+    return keep.expand(B, 1, expanded_rows, N) if expanded_rows else keep
+
+
+@pytest.mark.parametrize("form", ["bool", "bool_expanded", "additive", "additive_expanded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_key_padding_masks_are_read_as_key_vectors(form, dtype):
+    """BERT's padding mask ([B, 1, 1, N] bool with a finite fill at inference, an additive
+    0 / finfo.min bias in training) and the same mask expanded over rows: the variant reads one
+    vector per key tile (mask_per_key / bias_per_key), and forward and backward match float64,
+    the padded keys hidden, the bias's own gradient included."""
+    from fusepass.kernels.backward import attention_backward
+    from fusepass.kernels.forward import attention_forward
+    from fusepass.kernels.spec import KernelSpec
+
+    B, H, M, N, D = 3, 2, 37, 45, 16
+    keep = _key_padding(B, N, [45, 30, 7], expanded_rows=M if form.endswith("expanded") else 0)
+    q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for L in (M, N, N))
+    fill = torch.finfo(dtype).min
+    if form.startswith("bool"):
+        biases, masks = [], [keep]
+    else:
+        vec = torch.zeros(B, 1, 1, N, dtype=dtype).masked_fill(~keep[:, :, :1], fill)
+        biases, masks = [vec.expand(keep.shape) if form.endswith("expanded") else vec], []
+    feats = (None, D ** -0.5, 0.0, 0.0, fill, "", [])
+    call = forward_call(q, k, v, biases, masks, *feats)
+    spec = KernelSpec.for_call(call)
+    assert (spec.mask_per_key, spec.bias_per_key) == (((True,), ()) if masks else ((), (True,)))
+    src = render.render("attention_fwd.py.jinja", spec.render_params())
+    assert (" + jj * sm0_n," in src) if masks else (" + jj * sb0_n," in src)
+    assert "ii * sm0_m" not in src and "ii * sb0_m" not in src
+    out, lse = attention_forward(call)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, *biases)]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, *biases)]
+    ref, ref_lse = dense_attention(*leaves64[:3], leaves64[3:], masks, *feats)
+    eager, _ = dense_attention(*leaves[:3], leaves[3:], masks, *feats)
+    assert_close = kernel_cases.assert_close_to_reference
+    assert_close(out, eager, ref, name="out")
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
+    do = torch.randn_like(out)
+    need = [True] * len(biases)
+    grads = attention_backward(backward_call(do, q, k, v, out, lse, biases, masks, *feats, need))
+    case = Case(B=B, Hq=H, Hkv=H, M=M, N=N, D=D, dtype=dtype)
+    kernel_cases.assert_grads_match(case, grads, (q, k, v, biases, masks), feats, do)
+
+
+def test_a_mask_with_rows_is_read_as_a_tile():
+    """A mask that differs per query row keeps the tile load."""
+    from fusepass.kernels.spec import KernelSpec
+
+    q = k = v = torch.empty(1, 1, 8, 16)
+    row_mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    spec = KernelSpec.for_call(forward_call(q, k, v, [torch.zeros(8, 8)], [row_mask], None, 1.0, 0.0, 0.0,
+                                            -math.inf, "", []))
+    assert (spec.mask_per_key, spec.bias_per_key) == ((False,), (False,))
+    src = render.render("attention_fwd.py.jinja", spec.render_params())
+    assert "ii * sm0_m" in src and "ii * sb0_m" in src

@@ -33,6 +33,14 @@ def bias_grad_mode(bias: torch.Tensor, target: Sequence[int]) -> str:
     return "atomic" + ("_m" if reduced[2] else "") + ("_n" if reduced[3] else "")
 
 
+def per_key(t: torch.Tensor) -> bool:
+    """Whether a mask or bias broadcasts over query rows ([B, H, 1, N], or expanded from it with
+    a 0 row stride: a key-padding mask), so that the kernels read it as one vector per key tile
+    instead of a tile of repeated rows.  Strides are part of the call's signature, which keys
+    the launch plans."""
+    return t.dim() < 2 or t.shape[-2] == 1 or t.stride(-2) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     n_biases: int = 0
@@ -48,6 +56,8 @@ class KernelSpec:
     upcast_dot: bool = False  # interpreter + bf16 / e4m3: dots in fp32 (the interpreter's bf16 dot is wrong)
     bias_grad: tuple[str, ...] = ()  # per bias: "" (no grad) or bias_grad_mode(); backward only
     fp8: bool = False  # e4m3 q, k, v with per-row / per-key / per-channel scales (kernels/fp8.py); forward only
+    bias_per_key: tuple[bool, ...] = ()  # per bias: per_key(); () = none is
+    mask_per_key: tuple[bool, ...] = ()  # per bool mask: per_key(); () = none is
 
     @property
     def exact_fp32(self) -> bool:
@@ -91,6 +101,8 @@ class KernelSpec:
             precision=self.precision,
             upcast_dot=self.upcast_dot,
             bias_grad=list(self.bias_grad) or [""] * self.n_biases,
+            bias_per_key=list(self.bias_per_key) or [False] * self.n_biases,
+            mask_per_key=list(self.mask_per_key) or [False] * self.n_masks,
             fp8=self.fp8,
             e4m3_round=self.fp8 and self.upcast_dot,
         )
@@ -124,6 +136,8 @@ class KernelSpec:
             upcast_dot=q.device.type != "cuda" and q.dtype in (torch.bfloat16, torch.float8_e4m3fn),
             bias_grad=grads,
             fp8=q.dtype == torch.float8_e4m3fn,
+            bias_per_key=tuple(per_key(b) for b in call.biases),
+            mask_per_key=tuple(per_key(m) for m in call.masks),
         )
 
     @classmethod
