@@ -58,6 +58,7 @@ class _Plan:
     fitted: dict = dataclasses.field(default_factory=dict)  # kernel name -> fitted config
     launchers: dict = dataclasses.field(default_factory=dict)  # (kernel name, config): see kernels/launcher.py
     family: str = ""  # suffix of the kernels' launch_fitting keys ("_sm90" for the TMA variant)
+    runs: dict = dataclasses.field(default_factory=dict)  # strides function -> _launches' function
 
     def launcher(self, name: str, cfg: Optional[BackwardConfig] = None) -> Launcher:
         """Kernel ``name``'s launcher under ``cfg`` (None for attn_bwd_pre, which has no config)."""
@@ -169,8 +170,11 @@ def run_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride) -> tuple[T
     by_col, by_row = plan.by_col, plan.by_row
     if by_col is None:
         by_col, by_row = _data_map_args(call, plan.cfg)
-    run = _launches(plan, bcall, strides, by_col, by_row)
-    return run(bcall.grad_out, call.q, call.k, call.v, bcall.out, bcall.lse, call.biases, call.masks, call.seed)
+    run = plan.runs.get(strides)
+    if run is None:
+        run = plan.runs[strides] = _launches(plan, bcall, strides)
+    return run(bcall.grad_out, call.q, call.k, call.v, bcall.out, bcall.lse, call.biases, call.masks, call.seed,
+               by_col, by_row)
 
 
 def bind_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride, counters: tuple = (),
@@ -183,9 +187,7 @@ def bind_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride, counters:
     the full path); ``before_launch`` runs before each call's launches."""
     if plan.by_col is None or not all(name in plan.fitted for name in _fitted_kernels(plan.spec)):
         return None
-    run = _launches(plan, bcall, strides, plan.by_col, plan.by_row)
-    if not counters and admits is None and before_launch is None:
-        return run
+    launch, by_col, by_row = _launches(plan, bcall, strides), plan.by_col, plan.by_row
 
     def checked(grad_out, q, k, v, out, lse, biases, masks, seed):
         if admits is not None and not admits(grad_out, q, k, v, out):
@@ -194,7 +196,7 @@ def bind_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride, counters:
             counter["bwd"] += 1
         if before_launch is not None:
             before_launch()
-        return run(grad_out, q, k, v, out, lse, biases, masks, seed)
+        return launch(grad_out, q, k, v, out, lse, biases, masks, seed, by_col, by_row)
 
     return checked
 
@@ -213,15 +215,24 @@ def _fitted_kernels(spec: KernelSpec) -> tuple[str, ...]:
     return ("attn_bwd_rowstats",) * bool(spec.natural_units) + ("attn_bwd_dkdv", "attn_bwd_dq")
 
 
-def _launches(plan: _Plan, bcall: BackwardCall, strides, by_col, by_row) -> Callable:
+def _launches(plan: _Plan, bcall: BackwardCall, strides) -> Callable:
     """``plan``'s launches for calls of ``bcall``'s signature, as a function of (grad_out, q, k,
-    v, out, lse, biases, masks, seed) -> (dq, dk, dv, bias grads).  What the signature fixes
+    v, out, lse, biases, masks, seed, by_col, by_row) -> (dq, dk, dv, bias grads), ``by_col`` and
+    ``by_row`` the block-map arguments of dK/dV and dQ.  What the signature fixes
     (sizes, the strides the kernels get, grids, the pre kernel's launcher) is read here once."""
     call = bcall.forward
     spec, tail = plan.spec, plan.tail
     B, Hq, Hkv, M, N, groups = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len, call.groups
     device, mask_args, natural, dropout = call.q.device, call.mask_args, spec.natural_units, spec.dropout
     st_q, st_k, st_v, st_do, st_o = (tuple(strides(t)) for t in (call.q, call.k, call.v, bcall.grad_out, bcall.out))
+    # The gradients' strides, as new_like will make them (empty_like's rule, read on meta).
+    st_dq, st_dk, st_dv = (torch.empty_like(t, device="meta").stride() for t in (call.q, call.k, call.v))
+    # Each kernel's fixed tail: its strides, then the plan's sizes and scalars.  The signature
+    # fixes all of them, so a launcher keys each tail once (kernels/launcher.py), not per call.
+    tails = {"attn_bwd_pre": (*st_o, *st_do, Hq, groups, M),
+             "attn_bwd_rowstats": (*st_q, *st_k, *tail),
+             "attn_bwd_dkdv": (*st_q, *st_k, *st_v, *st_do, *st_dk, *st_dv, *tail),
+             "attn_bwd_dq": (*st_q, *st_k, *st_v, *st_do, *st_dq, *tail)}
     pre, pre_grid = plan.launcher("attn_bwd_pre"), (cdiv(M, _PRE_BLOCK_M), B * Hq)
     context = render.interpreting if plan.interpret else contextlib.nullcontext
     rows_grid = lambda c: (cdiv(M, c.BLOCK_OWN), B * Hq)  # noqa: E731  (dQ and the row statistics)
@@ -229,7 +240,8 @@ def _launches(plan: _Plan, bcall: BackwardCall, strides, by_col, by_row) -> Call
 
     def launch(name: str, grid_of, args: tuple) -> None:
         def run(c: BackwardConfig) -> None:
-            plan.launcher(name, c)(grid_of(c), *args, tail=tail)
+            plan.launcher(name, c)(grid_of(c), *args, tail=kernel_tail)
+        kernel_tail = tails[name]
         launches[name.removeprefix("attn_bwd_")] += 1
         fitted = plan.fitted.get(name)
         if fitted is not None:
@@ -237,7 +249,7 @@ def _launches(plan: _Plan, bcall: BackwardCall, strides, by_col, by_row) -> Call
         else:
             plan.fitted[name] = launch_fitting((name + plan.family, spec), plan.cfg, run)
 
-    def run(grad_out, q, k, v, out, lse, biases, masks, seed):
+    def run(grad_out, q, k, v, out, lse, biases, masks, seed, by_col, by_row):
         dq, dk, dv = new_like(q), new_like(k), new_like(v)
         dbiases, db_args, finish = _bias_grads(biases, spec)
         delta = new_output((B, Hq, M), torch.float32, device)
@@ -250,17 +262,15 @@ def _launches(plan: _Plan, bcall: BackwardCall, strides, by_col, by_row) -> Call
         seed_t = seed_tensor(seed, device) if dropout else None
         extras = extra_args(biases, masks, mask_args)
         with context():
-            pre(pre_grid, out, grad_out, lse, delta, nan_rows, *st_o, *st_do, Hq, groups, M)
+            pre(pre_grid, out, grad_out, lse, delta, nan_rows, tail=tails["attn_bwd_pre"])
             if natural:
                 # Tiles shaped like attn_bwd_dq's (which fit whenever dq's do); only query tiles
                 # holding a row with a coarse lse loop over the keys.
-                launch("attn_bwd_rowstats", rows_grid, (q, k, lse, shift, rinv, *extras, *st_q, *st_k))
+                launch("attn_bwd_rowstats", rows_grid, (q, k, lse, shift, rinv, *extras))
             launch("attn_bwd_dkdv", keys_grid, (
-                q, k, v, grad_out, lse, delta, shift, rinv, nan_rows, dk, dv, seed_t, *by_col, *extras, *db_args,
-                *st_q, *st_k, *st_v, *st_do, *dk.stride(), *dv.stride()))
+                q, k, v, grad_out, lse, delta, shift, rinv, nan_rows, dk, dv, seed_t, *by_col, *extras, *db_args))
             launch("attn_bwd_dq", rows_grid, (
-                q, k, v, grad_out, lse, delta, shift, rinv, dq, seed_t, *by_row, *extras,
-                *st_q, *st_k, *st_v, *st_do, *dq.stride()))
+                q, k, v, grad_out, lse, delta, shift, rinv, dq, seed_t, *by_row, *extras))
         for i, dtype in finish:
             dbiases[i] = dbiases[i].to(dtype)
         return dq, dk, dv, dbiases
