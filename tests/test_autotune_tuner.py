@@ -187,3 +187,31 @@ def test_processes_sharing_a_cache_tune_a_key_once(tmp_path):
     best = {(log_dir / f"best.{r}").read_text() for r in range(3)}
     times = random_times(11)
     assert best == {min(times, key=times.get).short()}
+
+
+def test_candidates_first_run_on_threads_then_time_one_at_a_time(tmp_path):
+    import threading
+
+    times = random_times(11)
+    fail = frozenset(list(CANDS)[2:4])
+    timer = FakeTimer(times, fail=fail)
+    threads, setups = set(), []
+    launch = timer._launch
+
+    def recording_launch(cfg):
+        threads.add(threading.get_ident())
+        launch(cfg)
+
+    timer._launch = recording_launch
+    tuner = Tuner(TuneCache(tmp_path), timer)
+    best = tuner.tune(make_key(), CANDS, timer.bench_fn, compile_workers=4,
+                      worker_setup=lambda: setups.append(threading.get_ident()))
+    ok = [c for c in CANDS if c not in fail]
+    assert best == min(ok, key=times.get)  # what one-at-a-time tuning picks
+    workers = threads - {threading.get_ident()}
+    assert workers and workers <= set(setups)  # first runs on workers, each set up first
+    # Every candidate ran once first (the failing ones raised there), then each working one
+    # was timed; the failing ones were not timed.
+    assert sorted(map(str, timer.launched[: len(ok)])) == sorted(map(str, ok))
+    assert sorted(map(str, timer.timed)) == sorted(map(str, ok))
+    assert tuner.cache.get(make_key()).candidates == len(ok)

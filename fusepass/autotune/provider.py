@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import threading
 from typing import Any, Sequence
 
@@ -76,6 +77,18 @@ def attention_flops(direction: str, shape: Sequence[tuple[str, int]], density: f
     s = dict(shape)
     fwd = 2.0 * s["B"] * s["Hq"] * s["M"] * s["N"] * (s["D"] + s["Dv"]) * density
     return fwd if direction == "fwd" else 2.5 * fwd
+
+
+def compile_workers() -> int:
+    """Threads a cold key's candidates first run (and so compile) on: ``FUSEPASS_COMPILE_WORKERS``,
+    0 or 1 for one at a time; by default up to 8, one per CPU."""
+    text = os.environ.get("FUSEPASS_COMPILE_WORKERS", "").strip()
+    if text:
+        try:
+            return max(0, int(text))
+        except ValueError:
+            log.warning("fusepass autotune: FUSEPASS_COMPILE_WORKERS=%r is not an integer; ignored", text)
+    return min(8, os.cpu_count() or 1)
 
 
 # -- the launchers' config provider (passed to them by fusepass.ops.dispatch) ----------------
@@ -233,9 +246,14 @@ def kernel_config_provider(query: ConfigQuery) -> LaunchConfig | None:
             )
         shape = (("B", query.batch), ("Hq", query.q_heads), ("Hkv", query.kv_heads), ("M", query.q_len),
                  ("N", query.kv_len), ("D", spec.head_dim), ("Dv", spec.v_head_dim))
+        # First runs on threads on CUDA only: the interpreter (tests tune through it) patches
+        # module globals while it runs, so its launches must not overlap.
+        cuda = query.device.type == "cuda"
         with torch.cuda.device(index):
             cfg = tuner.tune(key, space.with_default(cands, default), bench_fn, default=default, shape=shape,
-                             flops=attention_flops(query.direction, shape))  # dense FLOPs, masked or not
+                             flops=attention_flops(query.direction, shape),  # dense FLOPs, masked or not
+                             compile_workers=compile_workers() if cuda else 0,
+                             worker_setup=functools.partial(torch.cuda.set_device, index) if cuda else None)
     with _fast_lock:
         _fast[fast] = cfg
     return cfg

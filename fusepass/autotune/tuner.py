@@ -4,6 +4,10 @@
 that config on tuning inputs (allocations belong outside the callable).  ``timer(fn)``
 returns milliseconds; the default is ``triton.testing.do_bench``'s median.  A candidate whose
 compile or launch raises is skipped (logged at DEBUG) — pruning is an estimate, not a proof.
+
+With ``compile_workers`` > 1 every candidate first runs once on that many threads, so that
+their compiles (most of a cold key's time: Triton's passes and ptxas, which run without the
+GIL) overlap; the timing that follows is one candidate at a time, as it must be.
 """
 
 from __future__ import annotations
@@ -97,8 +101,12 @@ class Tuner:
         shape: tuple[tuple[str, int], ...] = (),
         flops: float | None = None,
         progress: tuple[int, int] | None = None,
+        compile_workers: int = 0,
+        worker_setup: Callable[[], object] | None = None,
     ) -> LaunchConfig:
-        """The best config for ``key``, timing ``candidates`` (and ``default``) unless known."""
+        """The best config for ``key``, timing ``candidates`` (and ``default``) unless known.
+        ``compile_workers`` > 1: first runs on threads (module docstring), each thread running
+        ``worker_setup`` first (the device to launch on is per thread)."""
         with self._lock:
             entry = self.lookup(key)
             if entry is not None:
@@ -109,7 +117,8 @@ class Tuner:
                 entry = self.lookup(key)  # tuned by another process while this one waited
                 if entry is not None:
                     return entry.config
-                entry = self._time(key, candidates, bench_fn, default, shape, flops, progress)
+                entry = self._time(key, candidates, bench_fn, default, shape, flops, progress,
+                                   compile_workers, worker_setup)
                 if entry is None:
                     assert default is not None
                     self._failed.add(key)
@@ -153,7 +162,8 @@ class Tuner:
         finally:
             lock.release()
 
-    def _time(self, key, candidates, bench_fn, default, shape, flops, progress) -> CacheEntry | None:
+    def _time(self, key, candidates, bench_fn, default, shape, flops, progress, compile_workers=0,
+              worker_setup=None) -> CacheEntry | None:
         order = list(candidates)
         if default is not None and default not in order:
             order.insert(0, default)
@@ -161,6 +171,10 @@ class Tuner:
         label = f"{count[0]}/{count[1]}" if count[1] else f"#{count[0]}"
         announce("fusepass autotune: tuning %s %s over %d configs ...", label, key.describe(), len(order))
         start = time.perf_counter()
+        runners = _first_runs(order, bench_fn, compile_workers, worker_setup)
+        if runners is not None:
+            announce("fusepass autotune: %s compiled %d configs on %d threads in %.1f s", label, len(order),
+                     min(compile_workers, len(order)), time.perf_counter() - start)
         timings: list[tuple[LaunchConfig, float]] = []
         reported = start
         for n, cfg in enumerate(order):
@@ -170,7 +184,10 @@ class Tuner:
                 announce("fusepass autotune: %s at %d/%d configs after %.1f s%s", label, n, len(order),
                          reported - start, f", best so far {best[0].short()} {best[1]:.3f} ms" if best else "")
             try:
-                ms = float(self.timer(bench_fn(cfg)))
+                runner = runners[n] if runners is not None else bench_fn(cfg)
+                if isinstance(runner, BaseException):
+                    raise runner
+                ms = float(self.timer(runner))
             except Exception as e:  # noqa: BLE001 - a config that does not compile or run is skipped
                 log.debug("fusepass autotune: %s failed for %s: %s: %s", cfg.short(), key.describe(), type(e).__name__, e)
                 continue
@@ -214,6 +231,35 @@ class Tuner:
         with self._lock:
             self._memory.clear()
             self._failed.clear()
+
+
+def _first_runs(order: Sequence[LaunchConfig], bench_fn: BenchFn, workers: int,
+                worker_setup: Callable[[], object] | None) -> list | None:
+    """Each candidate's runner (or the exception that making or first running it raised), run
+    once on ``workers`` threads; None when fewer than two workers or candidates (no overlap to
+    gain).  The runners are made on this thread: a bench_fn may build its inputs on first use."""
+    if workers <= 1 or len(order) <= 1:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    runners: list = []
+    for cfg in order:
+        try:
+            runners.append(bench_fn(cfg))
+        except Exception as e:  # noqa: BLE001 - reported when the candidate's turn to be timed comes
+            runners.append(e)
+
+    def first_run(runner):
+        if isinstance(runner, BaseException):
+            return runner
+        try:
+            runner()
+        except Exception as e:  # noqa: BLE001 - as above
+            return e
+        return runner
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(order)), initializer=worker_setup) as pool:
+        return list(pool.map(first_run, runners))
 
 
 _default_tuner: Tuner | None = None
