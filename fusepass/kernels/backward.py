@@ -170,9 +170,7 @@ def run_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride) -> tuple[T
     by_col, by_row = plan.by_col, plan.by_row
     if by_col is None:
         by_col, by_row = _data_map_args(call, plan.cfg)
-    run = plan.runs.get(strides)
-    if run is None:
-        run = plan.runs[strides] = _launches(plan, bcall, strides)
+    run = _bound_launches(plan, bcall, strides)
     return run(bcall.grad_out, call.q, call.k, call.v, bcall.out, bcall.lse, call.biases, call.masks, call.seed,
                by_col, by_row)
 
@@ -187,7 +185,7 @@ def bind_plan(plan: _Plan, bcall: BackwardCall, strides=Tensor.stride, counters:
     the full path); ``before_launch`` runs before each call's launches."""
     if plan.by_col is None or not all(name in plan.fitted for name in _fitted_kernels(plan.spec)):
         return None
-    launch, by_col, by_row = _launches(plan, bcall, strides), plan.by_col, plan.by_row
+    launch, by_col, by_row = _bound_launches(plan, bcall, strides), plan.by_col, plan.by_row
 
     def checked(grad_out, q, k, v, out, lse, biases, masks, seed):
         if admits is not None and not admits(grad_out, q, k, v, out):
@@ -215,6 +213,14 @@ def _fitted_kernels(spec: KernelSpec) -> tuple[str, ...]:
     return ("attn_bwd_rowstats",) * bool(spec.natural_units) + ("attn_bwd_dkdv", "attn_bwd_dq")
 
 
+def _bound_launches(plan: _Plan, bcall: BackwardCall, strides) -> Callable:
+    """``_launches`` of ``plan`` under ``strides``, made once per plan."""
+    run = plan.runs.get(strides)
+    if run is None:
+        run = plan.runs[strides] = _launches(plan, bcall, strides)
+    return run
+
+
 def _launches(plan: _Plan, bcall: BackwardCall, strides) -> Callable:
     """``plan``'s launches for calls of ``bcall``'s signature, as a function of (grad_out, q, k,
     v, out, lse, biases, masks, seed, by_col, by_row) -> (dq, dk, dv, bias grads), ``by_col`` and
@@ -239,9 +245,10 @@ def _launches(plan: _Plan, bcall: BackwardCall, strides) -> Callable:
     keys_grid = lambda c: (cdiv(N, c.BLOCK_OWN), B * Hkv)  # noqa: E731  (dK/dV)
 
     def launch(name: str, grid_of, args: tuple) -> None:
+        kernel_tail = tails[name]
+
         def run(c: BackwardConfig) -> None:
             plan.launcher(name, c)(grid_of(c), *args, tail=kernel_tail)
-        kernel_tail = tails[name]
         launches[name.removeprefix("attn_bwd_")] += 1
         fitted = plan.fitted.get(name)
         if fitted is not None:
